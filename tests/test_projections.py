@@ -1,0 +1,404 @@
+"""The three projections: closed forms, reductions, identities between RLHF and DPO, gradients."""
+
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+from toyrlhf.policies import (
+    LogLinearPolicy,
+    TabularPolicy,
+    leaf_logprobs,
+    next_token_features,
+    position_token_features,
+    random_policy,
+    stack_features,
+    uniform_policy,
+)
+from toyrlhf.preferences import (
+    bradley_terry,
+    population_preferences,
+    preference_pairs,
+    sample_preferences,
+)
+from toyrlhf.projections import (
+    NotAttainedWarning,
+    SoftOptimalPolicyClass,
+    bt_loss,
+    cross_entropy_objective,
+    dpo,
+    dpo_loss,
+    dpo_tabular,
+    fkl_projection,
+    gibbs_policy,
+    implicit_reward,
+    kl_regularized_objective,
+    reward_mle,
+    rkl_objective,
+    rkl_projection,
+    separation_direction,
+    sft,
+    soft_optimal_policy,
+    soft_rl_projection,
+)
+from toyrlhf.rewards import (
+    LinearReward,
+    TabularReward,
+    bag_of_tokens,
+    feature_family,
+    ngram_counts,
+    position_token,
+    random_linear_reward,
+    random_tabular_reward,
+)
+from toyrlhf.tree import TokenTree
+
+
+def fd_grad(f, x, eps=1e-6):
+    return np.array([(f(x + eps * e) - f(x - eps * e)) / (2 * eps) for e in np.eye(x.size)])
+
+
+def centred(r, mask):
+    """Remove the per-prompt mean over ``mask`` (BT identifies rewards only up to a constant)."""
+    out = np.where(mask, r, 0.0)
+    return np.where(mask, out - (out.sum(1, keepdims=True) / mask.sum(1, keepdims=True)), 0.0)
+
+
+# ============================================================ soft-optimal policy
+@pytest.mark.parametrize("eos", [None, 1])
+def test_gibbs_equals_soft_value_iteration_equals_direct_maximisation(eos):
+    tree = TokenTree(V=2, H=3, P=2, eos=eos) if eos is None else TokenTree(V=3, H=2, P=2, eos=eos)
+    rng = np.random.default_rng(0)
+    ref = random_policy(tree, rng, zero_fraction=0.25)
+    r = random_tabular_reward(tree, rng, scale=2.0)
+    beta = 0.7
+    sol = soft_optimal_policy(tree, ref, r, beta)
+    lp_ref = leaf_logprobs(tree, ref)
+    gibbs, log_Z = gibbs_policy(lp_ref, r, beta)
+    np.testing.assert_allclose(log_Z, sol.log_Z, rtol=1e-12)
+    np.testing.assert_allclose(np.exp(leaf_logprobs(tree, sol.log_pi)), np.exp(gibbs), atol=1e-12)
+    # J(pi*) = beta log Z
+    np.testing.assert_allclose(kl_regularized_objective(tree, sol.log_pi, ref, r, beta), beta * log_Z, rtol=1e-10)
+    # direct numerical maximisation of J over tabular logits (finite-difference gradients, no tree code)
+    cls = TabularPolicy(tree, ref)
+    negJ = lambda t: -tree.average(kl_regularized_objective(tree, cls.conditionals(t), ref, r, beta))
+    res = optimize.minimize(negJ, np.zeros(cls.n_params), method="BFGS", options={"gtol": 1e-9})
+    np.testing.assert_allclose(-res.fun, tree.average(beta * log_Z), atol=1e-8)
+    np.testing.assert_allclose(np.exp(cls.leaf_logprobs(res.x)), np.exp(gibbs), atol=1e-4)
+
+
+def test_soft_optimal_is_optimal_and_beta_limits():
+    tree = TokenTree(V=3, H=2)
+    rng = np.random.default_rng(1)
+    ref = random_policy(tree, rng)
+    r = random_tabular_reward(tree, rng)
+    beta = 0.5
+    best = kl_regularized_objective(tree, soft_optimal_policy(tree, ref, r, beta).log_pi, ref, r, beta)
+    for _ in range(20):
+        other = random_policy(tree, rng)
+        assert kl_regularized_objective(tree, other, ref, r, beta) < best
+    # beta -> infinity: pi* -> pi_ref; beta -> 0: pi* -> argmax r
+    far = leaf_logprobs(tree, soft_optimal_policy(tree, ref, r, 1e6).log_pi)
+    np.testing.assert_allclose(np.exp(far), np.exp(leaf_logprobs(tree, ref)), atol=1e-5)
+    near = np.exp(leaf_logprobs(tree, soft_optimal_policy(tree, ref, r, 1e-3).log_pi))
+    assert near[0, np.argmax(r[0])] > 1 - 1e-6
+
+
+def test_soft_value_iteration_large_rewards_no_overflow():
+    tree = TokenTree(V=2, H=4)
+    r = 1e4 * random_tabular_reward(tree, np.random.default_rng(2))
+    sol = soft_optimal_policy(tree, uniform_policy(tree), r, beta=1e-2)
+    assert np.all(np.isfinite(sol.log_Z))
+    assert all(np.all(~np.isnan(lp)) for lp in sol.log_pi)
+
+
+# ============================================================ Bradley–Terry and reward MLE
+def test_bt_likelihood_invariant_to_per_prompt_constants():
+    tree = TokenTree(V=2, H=3, P=3)
+    rng = np.random.default_rng(3)
+    r = random_tabular_reward(tree, rng)
+    data = sample_preferences(tree, r, 500, rng, log_pi_pair=uniform_policy(tree))
+    cls = TabularReward(tree)
+    shifted = r + rng.standard_normal((3, 1)) * 10
+    assert bt_loss(data, cls, r.ravel())[0] == pytest.approx(bt_loss(data, cls, shifted.ravel())[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("cls_name", ["tabular", "linear"])
+def test_bt_loss_gradient_finite_differences(cls_name):
+    tree = TokenTree(V=3, H=2, P=2, eos=2)
+    rng = np.random.default_rng(4)
+    data = sample_preferences(tree, random_tabular_reward(tree, rng), 300, rng, log_pi_pair=uniform_policy(tree))
+    cls = TabularReward(tree) if cls_name == "tabular" else LinearReward(tree, feature_family(tree, "bigram"))
+    w = rng.standard_normal(cls.n_params)
+    np.testing.assert_allclose(bt_loss(data, cls, w, l2=0.3)[1], fd_grad(lambda x: bt_loss(data, cls, x, l2=0.3)[0], w), rtol=1e-6, atol=1e-9)
+
+
+def test_population_reward_mle_recovers_gold_up_to_constant():
+    tree = TokenTree(V=3, H=2, P=2, eos=0)
+    rng = np.random.default_rng(5)
+    ref = random_policy(tree, rng, zero_fraction=0.2)
+    gold = random_tabular_reward(tree, rng)
+    fit = reward_mle(population_preferences(tree, gold, log_pi_pair=ref), TabularReward(tree))
+    cover = np.isfinite(leaf_logprobs(tree, ref))
+    assert fit.attained and fit.converged
+    np.testing.assert_allclose(centred(fit.reward, cover), centred(gold, cover), atol=1e-8)
+
+
+def test_reward_mle_error_is_chi_square_at_the_fisher_rate():
+    """Asymptotic normality of the MLE: n (w - w*)^T I (w - w*) ~ chi^2_k, I = the exact Fisher information."""
+    tree = TokenTree(V=2, H=2)
+    rng = np.random.default_rng(6)
+    phi = feature_family(tree, "position")  # d = 2 + 4, rank-deficient: use the identified subspace
+    gold, w_true = random_linear_reward(tree, phi, rng)
+    cls = LinearReward(tree, phi)
+    pop = population_preferences(tree, gold, log_pi_pair=uniform_policy(tree))
+    D = cls.design(pop.prompt, pop.chosen) - cls.design(pop.prompt, pop.rejected)
+    m = D @ w_true
+    I = (D * (pop.weight * bradley_terry(m, 0) * bradley_terry(0, m))[:, None]).T @ D
+    evals, evecs = np.linalg.eigh(I)
+    keep = evals > 1e-9 * evals.max()
+    U, lam = evecs[:, keep], evals[keep]
+    stat = []
+    for n in (2_000, 20_000, 200_000):
+        data = sample_preferences(tree, gold, n, rng, log_pi_pair=uniform_policy(tree))
+        fit = reward_mle(data, cls)
+        err = U.T @ (fit.params - w_true)
+        stat.append(data.n * np.sum(lam * err**2))
+    bound = stats.chi2.ppf(1 - 1e-4, keep.sum())
+    assert all(s < bound for s in stat), (stat, bound)
+
+
+def test_separable_data_is_reported_not_silently_returned():
+    tree = TokenTree(V=3, H=1)
+    data = preference_pairs([0], [0], [1])
+    assert separation_direction(np.array([[1.0, -1.0, 0.0]])) is not None
+    with pytest.warns(NotAttainedWarning):
+        fit = reward_mle(data, TabularReward(tree))
+    assert not fit.attained and fit.recession[0] > fit.recession[1]
+    # with both orders observed the MLE is finite: r0 - r1 = log(3) for a 3:1 split
+    both = preference_pairs([0, 0], [0, 1], [1, 0], weight=[3, 1])
+    fit = reward_mle(both, TabularReward(tree))
+    assert fit.attained
+    assert fit.reward[0, 0] - fit.reward[0, 1] == pytest.approx(np.log(3), abs=1e-8)
+    # xi_3 is never compared: it spans the null space with the per-prompt constant
+    assert fit.null_space.shape[1] == 2
+    # an L2 penalty makes any data attainable
+    assert reward_mle(data, TabularReward(tree), l2=0.1).attained
+
+
+# ============================================================ DPO
+def _dpo_gradient_check(cls, data, ref_lp, beta, theta):
+    f = lambda t: dpo_loss(cls, t, data, ref_lp, beta)[0]
+    np.testing.assert_allclose(dpo_loss(cls, theta, data, ref_lp, beta)[1], fd_grad(f, theta), rtol=1e-5, atol=1e-8)
+
+
+def test_dpo_gradients_finite_differences_every_class():
+    tree = TokenTree(V=3, H=2, P=2, eos=1)
+    rng = np.random.default_rng(7)
+    ref = random_policy(tree, rng, zero_fraction=0.2)
+    ref_lp = leaf_logprobs(tree, ref)
+    data = sample_preferences(tree, random_tabular_reward(tree, rng), 400, rng, log_pi_pair=ref)
+    feats = stack_features(next_token_features(tree), position_token_features(tree))
+    classes = [
+        TabularPolicy(tree, ref),
+        TabularPolicy(tree, uniform_policy(tree)),
+        LogLinearPolicy(tree, ref, feats),
+        SoftOptimalPolicyClass(LinearReward(tree, feature_family(tree, "position")), ref, 0.5),
+    ]
+    for cls in classes:
+        _dpo_gradient_check(cls, data, ref_lp, 0.5, 0.3 * rng.standard_normal(cls.n_params))
+
+
+def test_kl_projection_gradients_finite_differences():
+    tree = TokenTree(V=2, H=3, P=2)
+    rng = np.random.default_rng(8)
+    cls = LogLinearPolicy(tree, random_policy(tree, rng), stack_features(next_token_features(tree), position_token_features(tree)))
+    target = leaf_logprobs(tree, random_policy(tree, rng))
+    theta = rng.standard_normal(cls.n_params)
+    np.testing.assert_allclose(rkl_objective(cls, theta, target)[1], fd_grad(lambda t: rkl_objective(cls, t, target)[0], theta), rtol=1e-6, atol=1e-9)
+    w = np.exp(target) * tree.rho0[:, None]
+    np.testing.assert_allclose(cross_entropy_objective(cls, theta, w)[1], fd_grad(lambda t: cross_entropy_objective(cls, t, w)[0], theta), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("eos", [None, 2])
+def test_full_coverage_rlhf_equals_dpo_equals_closed_form(eos):
+    """Population data with full coverage: DPO = two-stage RLHF = pi_ref exp(r/beta)/Z."""
+    tree = TokenTree(V=3, H=2, P=2, eos=eos)
+    rng = np.random.default_rng(9)
+    ref = random_policy(tree, rng)
+    gold = random_tabular_reward(tree, rng)
+    beta = 0.8
+    data = population_preferences(tree, gold, log_pi_pair=ref)
+    target = leaf_logprobs(tree, soft_optimal_policy(tree, ref, gold, beta).log_pi)
+    generic = dpo(data, TabularPolicy(tree, ref), ref, beta, tol=1e-11)
+    closed, rfit = dpo_tabular(data, tree, ref, beta)
+    rlhf = leaf_logprobs(tree, soft_optimal_policy(tree, ref, rfit.reward, beta).log_pi)
+    assert generic.attained and closed.attained
+    valid = np.isfinite(target)
+    for lp in (generic.leaf_logp, closed.leaf_logp, rlhf):
+        np.testing.assert_allclose(np.exp(lp), np.exp(target), atol=1e-6)
+        assert np.all(np.isfinite(lp) == valid)
+
+
+def _partial_coverage_problem(seed=10):
+    """pi_ref with full support, data from a pair distribution that covers only part of it."""
+    tree = TokenTree(V=3, H=2, P=2)
+    rng = np.random.default_rng(seed)
+    ref = random_policy(tree, rng)
+    pair = random_policy(tree, rng, zero_fraction=0.4)
+    gold = random_tabular_reward(tree, rng)
+    data = population_preferences(tree, gold, log_pi_pair=pair)
+    return tree, rng, ref, data, data.coverage(tree)
+
+
+def test_partial_coverage_dpo_optima_are_reward_mles_and_back():
+    """Isomorphic classes under partial coverage, as sets (Swamy et al. 2025, arXiv:2503.01067).
+
+    (a) every DPO optimum (from several starting points) has an implicit reward that is a reward
+    MLE; (b) the soft-optimal policy of every reward MLE (MLE + any null-space move) is a DPO
+    optimum.
+    """
+    tree, rng, ref, data, cover = _partial_coverage_problem()
+    assert 0 < cover.sum() < cover.size
+    beta = 0.6
+    ref_lp = leaf_logprobs(tree, ref)
+    rcls, pcls = TabularReward(tree), TabularPolicy(tree, ref)
+    rfit = reward_mle(data, rcls)
+    assert rfit.attained
+    # (a)
+    for _ in range(3):
+        fit = dpo(data, pcls, ref, beta, theta0=rng.standard_normal(pcls.n_params), tol=1e-11)
+        r_dpo = implicit_reward(fit.leaf_logp, ref_lp, beta)
+        loss, grad = bt_loss(data, rcls, r_dpo.ravel())
+        assert loss == pytest.approx(rfit.loss, abs=1e-10)
+        assert np.max(np.abs(grad)) < 1e-6
+        # the implicit reward equals the MLE reward up to a per-prompt constant on the covered completions
+        np.testing.assert_allclose(centred(r_dpo, cover), centred(rfit.reward, cover), atol=1e-5)
+    # (b)
+    best = dpo(data, pcls, ref, beta, tol=1e-11).loss
+    for _ in range(3):
+        r = rfit.params + rfit.null_space @ rng.standard_normal(rfit.null_space.shape[1]) * 3
+        assert bt_loss(data, rcls, r)[0] == pytest.approx(rfit.loss, abs=1e-10)
+        pi = soft_optimal_policy(tree, ref, r.reshape(tree.P, -1), beta).log_pi
+        theta = pcls.theta_from_policy(pi)
+        loss, grad = dpo_loss(pcls, theta, data, ref_lp, beta)
+        assert loss == pytest.approx(best, abs=1e-9)
+        assert np.max(np.abs(grad)) < 1e-6
+
+
+def test_unrestricted_class_leaves_reference_support():
+    """DPO over policies that may put mass where pi_ref has none breaks the equivalence (slides 001)."""
+    tree = TokenTree(V=3, H=1)
+    ref = (np.array([[[np.log(0.5), np.log(0.5), -np.inf]]]),)
+    data = preference_pairs([0, 0], [0, 1], [1, 0], weight=[3, 1])  # xi1 beats xi2 3:1, xi3 never seen
+    beta = 1.0
+    rlhf, _ = dpo_tabular(data, tree, ref, beta)
+    assert np.exp(rlhf.leaf_logp[0, 2]) == 0.0
+    # a DPO optimum in the unrestricted class with most of its mass on xi3: same loss as RLHF
+    full = TabularPolicy(tree, uniform_policy(tree))
+    theta = np.log([0.075, 0.025, 0.9])
+    loss, grad = dpo_loss(full, theta, data, leaf_logprobs(tree, ref), beta)
+    assert loss == pytest.approx(rlhf.loss, abs=1e-10)
+    assert np.max(np.abs(grad)) < 1e-10
+
+
+def test_pi_of_r_closes_the_gap_dpo_equals_reward_mle():
+    """DPO over Pi(R) (soft-optimal policies of a linear class) = reward MLE over R, then soft RL."""
+    tree = TokenTree(V=3, H=3, P=1)
+    rng = np.random.default_rng(11)
+    ref = random_policy(tree, rng)
+    phi = bag_of_tokens(tree)
+    gold, _ = random_linear_reward(tree, np.hstack([phi, ngram_counts(tree, 2)]), rng)
+    data = sample_preferences(tree, gold, 3000, rng, log_pi_pair=ref)
+    beta = 0.5
+    rcls = LinearReward(tree, phi)
+    rfit = reward_mle(data, rcls)
+    fit = dpo(data, SoftOptimalPolicyClass(rcls, ref, beta), ref, beta, tol=1e-11)
+    want = leaf_logprobs(tree, soft_optimal_policy(tree, ref, rfit.reward, beta).log_pi)
+    np.testing.assert_allclose(np.exp(fit.leaf_logp), np.exp(want), atol=1e-7)
+
+
+# ============================================================ KL projections and SFT
+def test_rkl_and_fkl_onto_tabular_recover_the_target():
+    tree = TokenTree(V=2, H=3, P=2)
+    rng = np.random.default_rng(12)
+    target = random_policy(tree, rng)
+    t_lp = leaf_logprobs(tree, target)
+    cls = TabularPolicy(tree, uniform_policy(tree))
+    np.testing.assert_allclose(rkl_projection(cls, t_lp).leaf_logp, t_lp, atol=1e-5)
+    np.testing.assert_allclose(fkl_projection(cls, np.exp(t_lp)).leaf_logp, t_lp, atol=1e-5)
+
+
+def test_soft_rl_projection_maximises_j_over_restricted_class():
+    tree = TokenTree(V=3, H=2)
+    rng = np.random.default_rng(13)
+    ref = random_policy(tree, rng)
+    r = random_tabular_reward(tree, rng)
+    beta = 0.5
+    cls = LogLinearPolicy(tree, ref, next_token_features(tree))
+    fit = soft_rl_projection(cls, ref, r, beta)
+    J = lambda t: tree.average(kl_regularized_objective(tree, cls.conditionals(t), ref, r, beta))
+    assert np.max(np.abs(fd_grad(J, fit.params))) < 1e-6  # stationary point of J in the class
+    jstar = tree.average(beta * soft_optimal_policy(tree, ref, r, beta).log_Z)
+    assert J(fit.params) <= jstar + 1e-12
+    assert J(fit.params) >= J(cls.init())
+
+
+def test_sft_is_empirical_maximum_likelihood():
+    tree = TokenTree(V=2, H=2, P=1)
+    prompts = np.zeros(10, dtype=int)
+    leaves = np.array([0] * 5 + [1] * 3 + [3] * 2)
+    fit = sft(tree, prompts, leaves, TabularPolicy(tree, uniform_policy(tree)))
+    # cross-entropy optimum over the tabular class with full support = the empirical law (leaf 2 -> 0)
+    np.testing.assert_allclose(np.exp(fit.leaf_logp[0]), [0.5, 0.3, 0.0, 0.2], atol=2e-4)
+
+
+# ============================================================ -inf end to end, bad input
+def test_zero_reference_probabilities_end_to_end_without_nan():
+    tree = TokenTree(V=3, H=3, P=2, eos=2)
+    rng = np.random.default_rng(14)
+    ref = random_policy(tree, rng, zero_fraction=0.4)
+    gold = random_tabular_reward(tree, rng)
+    beta = 0.3
+    sol = soft_optimal_policy(tree, ref, gold, beta)
+    data = sample_preferences(tree, gold, 2000, rng, log_pi_pair=ref)
+    rfit = reward_mle(data, TabularReward(tree), l2=1e-3)
+    fit = dpo(data, TabularPolicy(tree, ref), ref, beta, warn=False)
+    for arr in (*sol.log_pi, sol.log_Z, rfit.reward, fit.leaf_logp, *fit.log_pi,
+                kl_regularized_objective(tree, fit.log_pi, ref, gold, beta)):
+        assert not np.isnan(arr).any()
+
+
+def test_bad_input_names_the_argument():
+    tree = TokenTree(V=2, H=2)
+    ref = uniform_policy(tree)
+    r = np.zeros((1, 4))
+    with pytest.raises(ValueError, match="beta"):
+        soft_optimal_policy(tree, ref, r, 0.0)
+    with pytest.raises(TypeError, match="beta"):
+        soft_optimal_policy(tree, ref, r, "1")
+    with pytest.raises(ValueError, match="reward"):
+        soft_optimal_policy(tree, ref, np.full((1, 4), np.nan), 1.0)
+    with pytest.raises(ValueError, match="reward"):
+        soft_optimal_policy(tree, ref, np.zeros((1, 5)), 1.0)
+    with pytest.raises(ValueError, match="weight"):
+        preference_pairs([0], [0], [1], weight=[-1])
+    with pytest.raises(ValueError, match="rejected"):
+        reward_mle(preference_pairs([0], [0], [7]), TabularReward(tree))
+    with pytest.raises(ValueError, match="l2"):
+        reward_mle(preference_pairs([0], [0], [1]), TabularReward(tree), l2=-1)
+    zero_ref = (np.array([[[0.0, -np.inf]]]), np.log(np.full((1, 2, 2), 0.5)))
+    with pytest.raises(ValueError, match="P_ref = 0"):
+        dpo(preference_pairs([0], [0], [2]), TabularPolicy(tree, zero_ref), zero_ref, 1.0)
+
+
+def test_dpo_reports_non_attainment_for_deterministic_preferences():
+    tree = TokenTree(V=2, H=2)
+    ref = uniform_policy(tree)
+    gold = np.array([[0.0, 1.0, 2.0, 3.0]])
+    data = sample_preferences(tree, gold, 500, np.random.default_rng(15), log_pi_pair=ref, deterministic=True)
+    with pytest.warns(NotAttainedWarning):
+        fit = dpo(data, TabularPolicy(tree, ref), ref, 1.0)
+    assert not fit.attained
+    with pytest.warns(NotAttainedWarning):
+        fit = dpo(data, LogLinearPolicy(tree, ref, position_token_features(tree)), ref, 1.0)
+    assert not fit.attained

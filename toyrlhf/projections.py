@@ -1,0 +1,714 @@
+"""The three projections of RLHF, computed exactly (slides 000–001, "Information Geometry").
+
+* Reward modelling = forward-KL projection of the empirical preference distribution onto a
+  reward class = Bradley–Terry maximum likelihood (:func:`reward_mle`).
+* Soft RL = reverse-KL projection of the Gibbs distribution ``P*`` onto a policy class
+  (:func:`soft_optimal_policy` for the full class, :func:`rkl_projection` for a restricted one).
+* DPO = forward-KL projection onto the *policy* class through the implicit reward
+  ``beta log(P_pi / P_ref)`` (:func:`dpo`, and the tabular closed form :func:`dpo_tabular`).
+* SFT = forward-KL projection of demonstrations onto a policy class (:func:`sft`).
+
+Non-attainment
+--------------
+Bradley–Terry likelihoods (and DPO through them) have no finite maximiser when the data are
+*separable*: some direction increases every margin without decreasing any (deterministic
+preferences, a completion that always wins, the slides' partial-coverage example).  For
+reward classes linear in their parameters, and for tabular policy classes, this is decided
+exactly by a linear program (Albert & Anderson 1984): the MLE is attained iff there is no
+``u`` with ``D u >= 0`` and ``D u != 0`` for the margin design ``D``.  The fits then carry
+``attained=False`` and emit :class:`NotAttainedWarning` instead of silently returning a point.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize, sparse
+from scipy.special import expit, log_expit, logsumexp
+
+from .policies import TabularPolicy, leaf_logprobs
+from .preferences import PreferenceData
+from .rewards import TabularReward
+from .tree import TokenTree
+
+__all__ = [
+    "NotAttainedWarning",
+    "SoftOptimal",
+    "RewardFit",
+    "PolicyFit",
+    "soft_optimal_policy",
+    "soft_log_partition",
+    "gibbs_policy",
+    "kl_regularized_objective",
+    "implicit_reward",
+    "separation_direction",
+    "bt_loss",
+    "reward_mle",
+    "dpo",
+    "dpo_tabular",
+    "dpo_loss",
+    "rkl_objective",
+    "rkl_projection",
+    "cross_entropy_objective",
+    "soft_rl_projection",
+    "fkl_projection",
+    "sft",
+    "SoftOptimalPolicyClass",
+]
+
+
+class NotAttainedWarning(UserWarning):
+    """The optimum of a projection is not attained by finite parameters."""
+
+
+def _check_beta(beta) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating, np.integer)):
+        raise TypeError(f"beta must be a positive number, got {beta!r}")
+    if not np.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be a positive finite number (the KL coefficient), got {beta}")
+    return float(beta)
+
+
+# ====================================================================== soft-optimal policy
+@dataclass(frozen=True, eq=False)
+class SoftOptimal:
+    """The KL-regularised optimal policy of a reward.
+
+    Attributes
+    ----------
+    log_pi : tuple of (P, V**h, V) arrays
+        ``log pi*(a|s)``.
+    log_Z : (P,) array
+        ``log Z(s0) = V(s0)``; the optimal value is ``J(pi*) = beta log Z``.
+    """
+
+    log_pi: tuple
+    log_Z: np.ndarray
+
+
+def _lse_last(z: np.ndarray) -> np.ndarray:
+    """``logsumexp`` over a short last axis, column by column (fast for small ``V``).
+
+    Rows need one finite entry; ``-inf`` entries contribute zero.
+    """
+    # NumPy reductions over a short last axis are slow, so this works column by column:
+    # max, exp(z - max), sum, then one log per row.  Rows go in blocks of about 64K values
+    # (512 KiB) so that the 2V + 3 passes over a block hit L2 cache instead of streaming the
+    # whole array from memory once per column.  Same operations in the same order as the
+    # unblocked loop, so the result is bitwise identical to it.
+    z = np.asarray(z, dtype=float)
+    V = z.shape[-1]
+    lead = z.shape[:-1]
+    z2 = z.reshape(-1, V)
+    R = z2.shape[0]
+    out = np.empty(R)
+    C = max(1, (1 << 16) // V)
+    k0 = min(C, R)
+    m = np.empty(k0)
+    s = np.empty(k0)
+    t = np.empty((k0, V))
+    with np.errstate(under="ignore"):
+        for i0 in range(0, R, C):
+            i1 = min(R, i0 + C)
+            k = i1 - i0
+            zc, mc, sc, tc, oc = z2[i0:i1], m[:k], s[:k], t[:k], out[i0:i1]
+            if V == 1:
+                np.copyto(mc, zc[:, 0])
+            else:
+                np.maximum(zc[:, 0], zc[:, 1], out=mc)
+            for a in range(2, V):
+                np.maximum(mc, zc[:, a], out=mc)
+            np.subtract(zc, mc[:, None], out=tc)
+            np.exp(tc, out=tc)
+            if V == 1:
+                np.copyto(sc, tc[:, 0])
+            else:
+                np.add(tc[:, 0], tc[:, 1], out=sc)
+            for a in range(2, V):
+                sc += tc[:, a]
+            np.log(sc, out=oc)
+            oc += mc
+    return out.reshape(lead)
+
+
+def soft_optimal_policy(tree: TokenTree, log_pi_ref, reward, beta: float, return_policy: bool = True) -> SoftOptimal:
+    """Soft value iteration: the maximiser of ``J(pi) = E_pi[r] - beta KL(P_pi || P_ref)``.
+
+    .. math::
+        V(\\xi) = r(\\xi)/\\beta, \\qquad
+        V(s) = \\log \\sum_a \\pi_{ref}(a|s) e^{V(s\\cdot a)}, \\qquad
+        \\pi^*(a|s) = \\pi_{ref}(a|s) e^{V(s\\cdot a) - V(s)}
+
+    equivalently ``P*(xi) = P_ref(xi) exp(r(xi)/beta) / Z(s0)`` with ``log Z = V(s0)``
+    (Ziebart 2010; Rafailov et al. 2023, arXiv:2305.18290, eq. 4).  Cost ``O(leaves)`` with
+    a Python loop over depth (and over cache-sized blocks of nodes, for speed) only.  ``-inf`` reference log-probs stay ``-inf``.
+
+    Parameters
+    ----------
+    log_pi_ref : tuple of (P, V**h, V)
+    reward : (P, V**H) or (V**H,) finite
+    beta : float > 0
+    return_policy : bool
+        If False only ``log_Z`` is computed (less memory traffic).
+
+    Examples
+    --------
+    >>> tree = TokenTree(V=2, H=1)
+    >>> from toyrlhf.policies import uniform_policy
+    >>> sol = soft_optimal_policy(tree, uniform_policy(tree), np.log([[1.0, 3.0]]), beta=1.0)
+    >>> np.exp(sol.log_pi[0][0, 0]).round(3).tolist()
+    [0.25, 0.75]
+    """
+    beta = _check_beta(beta)
+    r = tree.check_leaf_array("reward", reward)
+    log_pi_ref = tree.check_levels("log_pi_ref", log_pi_ref)
+    P, V, H = tree.P, tree.V, tree.H
+    # Blocked sweep, one level at a time from the leaves up.  A block of C nodes reads its
+    # V*C child values, forms z = V(child) + log pi_ref in the output array (or a scratch
+    # block when only log Z is wanted), reduces it with _lse_last while it is in cache and,
+    # for the policy, subtracts V(s) in place: each level is read and written once.  Values
+    # live in one buffer of V**(H-1) per prompt: block [i0, i1) writes its values to
+    # [i0, i1) after reading its children from [V*i0, V*i1), and later blocks read from
+    # V*i1 >= i1 onwards, so the sweep can overwrite the level below in place.
+    C = max(1, (1 << 16) // V)
+    out = [np.empty((P, V**h, V)) for h in range(H)] if return_policy else None
+    scratch = None if return_policy else np.empty((min(C, V ** (H - 1)), V))
+    value = np.empty((P, V ** (H - 1)))
+    src = r
+    for h in range(H - 1, -1, -1):
+        n = V**h
+        ref_h = log_pi_ref[h]
+        for p in range(P):
+            for i0 in range(0, n, C):
+                i1 = min(n, i0 + C)
+                z = out[h][p, i0:i1] if return_policy else scratch[: i1 - i0]
+                child = src[p, V * i0 : V * i1].reshape(i1 - i0, V)
+                if h == H - 1:
+                    np.divide(child, beta, out=z)  # V(leaf) = r / beta
+                    z += ref_h[p, i0:i1]
+                else:
+                    np.add(child, ref_h[p, i0:i1], out=z)
+                v = value[p, i0:i1]
+                v[...] = _lse_last(z)
+                if return_policy:
+                    z -= v[:, None]
+        src = value
+    return SoftOptimal(tuple(out) if return_policy else None, value[:, 0].copy())
+
+
+def soft_log_partition(tree: TokenTree, log_pi_ref, reward, beta: float) -> np.ndarray:
+    """``log Z(s0)`` of the soft-optimal policy, shape ``(P,)`` (soft value iteration)."""
+    return soft_optimal_policy(tree, log_pi_ref, reward, beta, return_policy=False).log_Z
+
+
+def gibbs_policy(log_p_ref, reward, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """The Gibbs form of the soft-optimal sequence distribution, on leaves.
+
+    .. math:: \\log P^*(\\xi|s_0) = \\log P_{ref}(\\xi|s_0) + r(\\xi)/\\beta - \\log Z(s_0)
+
+    Parameters
+    ----------
+    log_p_ref : (P, N) or (N,) sequence log-probs (``-inf`` allowed)
+    reward : same shape, finite
+
+    Returns
+    -------
+    log_p : same shape; log_Z : (P,) or scalar
+    """
+    beta = _check_beta(beta)
+    lp = np.asarray(log_p_ref, dtype=float)
+    r = np.asarray(reward, dtype=float)
+    if lp.shape != r.shape:
+        raise ValueError(f"log_p_ref and reward must have the same shape, got {lp.shape} and {r.shape}")
+    if np.isnan(lp).any() or np.any(lp == np.inf):
+        raise ValueError("log_p_ref must be log-probabilities (no NaN or +inf)")
+    if not np.all(np.isfinite(r)):
+        raise ValueError("reward must be finite")
+    z = lp + r / beta
+    log_Z = logsumexp(z, axis=-1)
+    return z - np.expand_dims(log_Z, -1), log_Z
+
+
+def kl_regularized_objective(tree: TokenTree, log_pi, log_pi_ref, reward, beta: float) -> np.ndarray:
+    """``J(pi) = E_{P_pi}[r] - beta KL(P_pi || P_ref)`` per prompt, shape ``(P,)``.
+
+    ``-inf`` when ``pi`` puts mass where ``pi_ref`` has none.  Average with ``tree.average``.
+    """
+    beta = _check_beta(beta)
+    r = tree.check_leaf_array("reward", reward)
+    lp = leaf_logprobs(tree, log_pi)
+    lq = leaf_logprobs(tree, log_pi_ref)
+    with np.errstate(under="ignore"):
+        p = np.exp(lp)
+    pos = p > 0
+    term = np.zeros_like(p)
+    with np.errstate(invalid="ignore"):
+        term[pos] = p[pos] * (r[pos] - beta * (lp[pos] - lq[pos]))
+    return term.sum(axis=1)
+
+
+def implicit_reward(leaf_logp, leaf_logp_ref, beta: float) -> np.ndarray:
+    """DPO's implicit reward ``r_pi(xi) = beta log(P_pi(xi) / P_ref(xi))`` (arXiv:2305.18290, eq. 5).
+
+    Defined up to the per-prompt constant ``beta log Z(s0)``, which cancels in Bradley–Terry.
+    ``+inf`` where ``P_ref = 0 < P_pi``; ``-inf`` where ``P_pi = 0`` (including ``0/0``, where
+    it is undefined and carries no probability).
+    """
+    beta = _check_beta(beta)
+    lp = np.asarray(leaf_logp, dtype=float)
+    lq = np.asarray(leaf_logp_ref, dtype=float)
+    out = np.full(np.broadcast(lp, lq).shape, -np.inf)
+    pos = np.broadcast_to(np.isfinite(lp), out.shape)
+    lpb, lqb = np.broadcast_to(lp, out.shape), np.broadcast_to(lq, out.shape)
+    with np.errstate(invalid="ignore"):
+        out[pos] = beta * (lpb[pos] - lqb[pos])
+    return out
+
+
+# ====================================================================== separability (LP)
+def separation_direction(D, tol: float = 1e-9) -> np.ndarray | None:
+    """A direction ``u`` with ``D u >= 0`` and ``D u != 0``, or ``None`` if there is none.
+
+    Solves ``max 1^T D u`` s.t. ``D u >= 0``, ``-1 <= u <= 1`` with HiGHS.  When such ``u``
+    exists every logistic margin can grow without bound and the Bradley–Terry maximum
+    likelihood estimate is not attained (Albert & Anderson 1984, Biometrika 71(1)).
+    """
+    D = sparse.csr_array(D) if sparse.issparse(D) else np.asarray(D, dtype=float)
+    d = D.shape[1]
+    c = -np.asarray(D.sum(axis=0)).ravel()
+    res = optimize.linprog(c, A_ub=-D, b_ub=np.zeros(D.shape[0]), bounds=[(-1, 1)] * d, method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"separability linear program failed: {res.message}")
+    if -res.fun <= tol * max(1.0, D.shape[0]):
+        return None
+    u = res.x
+    return u / np.linalg.norm(u)
+
+
+def _margin_design(data: PreferenceData, reward_class) -> np.ndarray:
+    pos = data.weight > 0
+    dc = reward_class.design(data.prompt[pos], data.chosen[pos])
+    dr = reward_class.design(data.prompt[pos], data.rejected[pos])
+    return dc - dr
+
+
+# ====================================================================== reward MLE
+@dataclass(frozen=True, eq=False)
+class RewardFit:
+    """Result of :func:`reward_mle`.
+
+    Attributes
+    ----------
+    params : (d,) fitted parameters ``w``
+    reward : (P, N) fitted reward on every leaf
+    loss : float, weighted negative log-likelihood (+ L2 term)
+    attained : bool, False when the data are separable and the MLE lies at infinity
+    recession : (d,) or None, a direction along which the likelihood keeps improving
+    null_space : (d, k) or None, directions that leave every margin unchanged (unidentified)
+    converged : bool, the optimiser met its tolerance
+    """
+
+    params: np.ndarray
+    reward: np.ndarray
+    loss: float
+    attained: bool
+    recession: np.ndarray | None
+    null_space: np.ndarray | None
+    converged: bool
+    n_iter: int
+
+
+def _bt_loss_grad_leaf(tree, data, r, beta=1.0):
+    """Weighted BT negative log-likelihood of margins ``beta (r_c - r_r)`` and leaf gradient."""
+    c, rj = data.flat_indices(tree)
+    rf = r.ravel()
+    m = beta * (rf[c] - rf[rj])
+    loss = -np.dot(data.weight, log_expit(m))
+    gm = -data.weight * beta * expit(-m)
+    size = tree.P * tree.n_leaves
+    g = np.bincount(c, gm, minlength=size) - np.bincount(rj, gm, minlength=size)
+    return loss, g.reshape(tree.P, tree.n_leaves), m
+
+
+def bt_loss(data: PreferenceData, reward_class, w, l2: float = 0.0) -> tuple[float, np.ndarray]:
+    """Bradley–Terry negative log-likelihood of a reward class and its gradient in ``w``.
+
+    .. math:: L(w) = -\\sum_m w_m \\log\\sigma(r_w(\\xi^+_m) - r_w(\\xi^-_m)) + \\tfrac{\\lambda}{2}\\|w\\|^2
+    """
+    tree = reward_class.tree
+    w = np.asarray(w, dtype=float)
+    loss, g, _ = _bt_loss_grad_leaf(tree, data, reward_class.reward(w))
+    return float(loss + 0.5 * l2 * w @ w), reward_class.vjp(g) + l2 * w
+
+
+def reward_mle(
+    data: PreferenceData,
+    reward_class,
+    l2: float = 0.0,
+    tol: float = 1e-10,
+    maxiter: int = 500,
+    warn: bool = True,
+) -> RewardFit:
+    """Bradley–Terry maximum likelihood over a reward class (forward-KL projection onto R).
+
+    .. math::
+        \\hat r = \\arg\\min_{r\\in\\mathcal R} -\\sum_m w_m \\log\\sigma(r(\\xi^+_m) - r(\\xi^-_m))
+        + \\tfrac{\\lambda}{2}\\|w\\|^2
+
+    (slides 000, "Reward Modeling is MLE").  Convex for classes linear in ``w``
+    (:class:`~toyrlhf.rewards.TabularReward`, :class:`~toyrlhf.rewards.LinearReward`); solved
+    by Newton-CG with exact Hessian-vector products to gradient norm ``tol``.  With ``l2=0``
+    separability is checked exactly by :func:`separation_direction`; when the MLE is not
+    attained the result says so (``attained=False``, a :class:`NotAttainedWarning`) and the
+    returned point is where the optimiser stopped on its way to infinity.
+
+    Unobserved completions (partial coverage) keep the value of the starting point (0): the
+    MLE is then a set, ``params + null_space @ c`` for any ``c``.
+    """
+    tree = reward_class.tree
+    data.check_tree(tree)
+    if not (isinstance(l2, (int, float)) and np.isfinite(l2) and l2 >= 0):
+        raise ValueError(f"l2 must be a non-negative number, got {l2!r}")
+
+    def fun(w):
+        return bt_loss(data, reward_class, w, l2)
+
+    def hessp(w, v):
+        r = reward_class.reward(w)
+        c, rj = data.flat_indices(tree)
+        rf = r.ravel()
+        m = rf[c] - rf[rj]
+        dr = reward_class.reward(v).ravel()
+        dm = dr[c] - dr[rj]
+        s = expit(m) * expit(-m) * data.weight * dm
+        size = tree.P * tree.n_leaves
+        g = np.bincount(c, s, minlength=size) - np.bincount(rj, s, minlength=size)
+        return reward_class.vjp(g.reshape(tree.P, tree.n_leaves)) + l2 * v
+
+    recession = None
+    null = None
+    D = _margin_design(data, reward_class)
+    if l2 == 0:
+        recession = separation_direction(D)
+    if reward_class.n_params <= 4096:
+        Dd = D.toarray() if sparse.issparse(D) else D
+        from scipy.linalg import null_space as _ns
+
+        null = _ns(Dd)
+    w0 = reward_class.init()
+    res = optimize.minimize(
+        fun, w0, jac=True, hessp=hessp, method="trust-ncg", options={"gtol": tol, "maxiter": maxiter}
+    )
+    w = res.x
+    attained = recession is None
+    if not attained and warn:
+        warnings.warn(
+            "reward_mle: the preference data are separable, so the Bradley-Terry MLE is not attained "
+            "(margins grow without bound along fit.recession); add l2 > 0 for a finite estimate",
+            NotAttainedWarning,
+            stacklevel=2,
+        )
+    grad_norm = float(np.linalg.norm(fun(w)[1]))
+    return RewardFit(w, reward_class.reward(w), float(res.fun), attained, recession, null, grad_norm <= 10 * tol or bool(res.success), int(res.nit))
+
+
+# ====================================================================== DPO
+@dataclass(frozen=True, eq=False)
+class PolicyFit:
+    """Result of a projection onto a policy class.
+
+    Attributes
+    ----------
+    params : (d,) fitted parameters
+    log_pi : tuple of per-level conditional log-probs
+    leaf_logp : (P, N) sequence log-probs
+    loss : float
+    attained : bool, False when the optimum is only approached as parameters diverge
+    converged : bool, the optimiser met its tolerance
+    n_iter : int
+    """
+
+    params: np.ndarray
+    log_pi: tuple
+    leaf_logp: np.ndarray
+    loss: float
+    attained: bool
+    converged: bool
+    n_iter: int
+
+
+def dpo_loss(policy_class, theta, data: PreferenceData, leaf_logp_ref, beta: float) -> tuple[float, np.ndarray]:
+    """DPO loss and its gradient in ``theta``, aggregated up the tree in ``O(leaves)``.
+
+    .. math::
+        L(\\theta) = -\\sum_m w_m \\log\\sigma\\Big(\\beta\\Big[\\log\\frac{P_\\theta(\\xi^+)}{P_{ref}(\\xi^+)}
+        - \\log\\frac{P_\\theta(\\xi^-)}{P_{ref}(\\xi^-)}\\Big]\\Big)
+
+    (Rafailov et al. 2023, arXiv:2305.18290, eq. 7).  The leaf gradient is scattered with
+    ``bincount`` and pulled back by the class's ``leaf_logprobs_vjp``.
+    """
+    tree = policy_class.tree
+    log_pi = policy_class.conditionals(theta)
+    lp = leaf_logprobs(tree, log_pi)
+    c, rj = data.flat_indices(tree)
+    ref = np.asarray(leaf_logp_ref).ravel()
+    lpf = lp.ravel()
+    if np.any(np.isneginf(lpf[c])) or np.any(np.isneginf(lpf[rj])):
+        raise ValueError("the policy class gives probability zero to a completion in the data: DPO's log-ratio is undefined")
+    rho = (lpf[c] - ref[c]) - (lpf[rj] - ref[rj])
+    loss = -np.dot(data.weight, log_expit(beta * rho))
+    gm = -data.weight * beta * expit(-beta * rho)
+    size = tree.P * tree.n_leaves
+    g = (np.bincount(c, gm, minlength=size) - np.bincount(rj, gm, minlength=size)).reshape(tree.P, tree.n_leaves)
+    return float(loss), policy_class.leaf_logprobs_vjp(theta, g, log_pi=log_pi)
+
+
+def _check_data_on_ref(tree, data, leaf_logp_ref):
+    data.check_tree(tree)
+    c, rj = data.flat_indices(tree)
+    ref = leaf_logp_ref.ravel()
+    bad = np.isneginf(ref[c]) | np.isneginf(ref[rj])
+    if np.any(bad & (data.weight > 0)):
+        raise ValueError(
+            "data contains completions with P_ref = 0: the DPO log-ratio log(P/P_ref) is undefined there"
+        )
+
+
+def _is_tabular(policy_class) -> bool:
+    return isinstance(policy_class, TabularPolicy)
+
+
+def dpo(
+    data: PreferenceData,
+    policy_class,
+    log_pi_ref,
+    beta: float,
+    theta0=None,
+    tol: float = 1e-9,
+    maxiter: int = 2000,
+    margin_bound: float = 30.0,
+    warn: bool = True,
+) -> PolicyFit:
+    """DPO solved exactly: maximum likelihood of the preferences over a policy class.
+
+    Minimises :func:`dpo_loss` with L-BFGS to gradient norm ``tol``, starting from
+    ``theta0`` (default: the class's base policy).  Attainment: for tabular classes this is
+    decided exactly (the achievable margins are those of tabular rewards, so the LP of
+    :func:`separation_direction` on leaf indicators decides it); for other classes the optimum
+    is declared not attained when some data margin ``beta * rho`` exceeds ``margin_bound``
+    nats at the end (the loss is then chasing an infimum).  When not attained, a
+    :class:`NotAttainedWarning` is emitted and ``attained=False``.
+    """
+    beta = _check_beta(beta)
+    tree = policy_class.tree
+    log_pi_ref = tree.check_levels("log_pi_ref", log_pi_ref)
+    ref = leaf_logprobs(tree, log_pi_ref)
+    _check_data_on_ref(tree, data, ref)
+    theta0 = policy_class.init() if theta0 is None else np.asarray(theta0, dtype=float)
+    res = optimize.minimize(
+        lambda t: dpo_loss(policy_class, t, data, ref, beta),
+        theta0,
+        jac=True,
+        method="L-BFGS-B",
+        options={"gtol": tol, "ftol": 1e-15, "maxiter": maxiter, "maxcor": 30},
+    )
+    theta = res.x
+    log_pi = policy_class.conditionals(theta)
+    lp = leaf_logprobs(tree, log_pi)
+    c, rj = data.flat_indices(tree)
+    rho = (lp.ravel()[c] - ref.ravel()[c]) - (lp.ravel()[rj] - ref.ravel()[rj])
+    if _is_tabular(policy_class):
+        attained = separation_direction(_margin_design(data, TabularReward(tree))) is None
+    else:
+        attained = bool(np.max(beta * rho) < margin_bound)
+    if not attained and warn:
+        warnings.warn(
+            "dpo: the DPO optimum is not attained by finite parameters (separable or deterministic "
+            "preferences); the returned policy is where the optimiser stopped",
+            NotAttainedWarning,
+            stacklevel=2,
+        )
+    gnorm = float(np.linalg.norm(dpo_loss(policy_class, theta, data, ref, beta)[1]))
+    return PolicyFit(theta, log_pi, lp, float(res.fun), attained, bool(res.success) or gnorm <= tol, int(res.nit))
+
+
+def dpo_tabular(data: PreferenceData, tree: TokenTree, log_pi_ref, beta: float, warn: bool = True) -> tuple[PolicyFit, RewardFit]:
+    """Closed form of DPO over the tabular class with finite log-ratios to ``pi_ref``.
+
+    In this class ``r -> pi_ref exp(r/beta)/Z`` is a bijection between tabular rewards (up to
+    per-prompt constants) and policies, and DPO's loss is the BT loss of the implicit reward,
+    so (Rafailov et al. 2023, arXiv:2305.18290, Thm. 1; Swamy et al. 2025, arXiv:2503.01067)
+
+    .. math:: \\hat\\pi_{dpo} = \\pi_{ref} \\exp(\\hat r_{mle}/\\beta) / Z,
+
+    with ``r_mle`` the tabular reward MLE: a convex problem, solved by :func:`reward_mle`.
+    Returns ``(policy_fit, reward_fit)``.
+    """
+    beta = _check_beta(beta)
+    log_pi_ref = tree.check_levels("log_pi_ref", log_pi_ref)
+    ref = leaf_logprobs(tree, log_pi_ref)
+    _check_data_on_ref(tree, data, ref)
+    rfit = reward_mle(data, TabularReward(tree), warn=warn)
+    sol = soft_optimal_policy(tree, log_pi_ref, rfit.reward, beta)
+    lp = leaf_logprobs(tree, sol.log_pi)
+    c, rj = data.flat_indices(tree)
+    rho = (lp.ravel()[c] - ref.ravel()[c]) - (lp.ravel()[rj] - ref.ravel()[rj])
+    loss = -float(np.dot(data.weight, log_expit(beta * rho)))
+    pc = TabularPolicy(tree, log_pi_ref)
+    return PolicyFit(pc.theta_from_policy(sol.log_pi), sol.log_pi, lp, loss, rfit.attained, rfit.converged, rfit.n_iter), rfit
+
+
+# ====================================================================== KL projections
+def _fit(fun, theta0, tol, maxiter):
+    res = optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B", options={"gtol": tol, "ftol": 1e-15, "maxiter": maxiter, "maxcor": 30})
+    return res
+
+
+def rkl_objective(policy_class, theta, target_leaf_logp) -> tuple[float, np.ndarray]:
+    """``E_rho0 KL(P_theta || Q)`` and its gradient in ``theta``.
+
+    .. math:: \\nabla_\\theta \\mathrm{KL}(P_\\theta\\|Q) = \\sum_\\xi P_\\theta(\\xi)
+              [\\log P_\\theta(\\xi) - \\log Q(\\xi)]\\, \\nabla_\\theta \\log P_\\theta(\\xi)
+
+    (the ``+1`` term vanishes because ``sum_xi nabla P_theta(xi) = 0``).  Raises if the policy
+    puts mass where ``Q`` has none (the KL is infinite).
+    """
+    tree = policy_class.tree
+    q = np.asarray(target_leaf_logp, dtype=float)
+    log_pi = policy_class.conditionals(theta)
+    lp = leaf_logprobs(tree, log_pi)
+    with np.errstate(under="ignore"):
+        p = np.exp(lp)
+    pos = p > 0
+    if np.any(pos & np.isneginf(q)):
+        raise ValueError("the policy puts mass where the target has none: KL(P_theta || Q) is infinite")
+    g = np.zeros_like(p)
+    w = np.broadcast_to(tree.rho0[:, None], p.shape)
+    g[pos] = w[pos] * p[pos] * (lp[pos] - q[pos])
+    return float(g.sum()), policy_class.leaf_logprobs_vjp(theta, g, log_pi=log_pi)
+
+
+def rkl_projection(policy_class, target_leaf_logp, theta0=None, tol: float = 1e-10, maxiter: int = 2000) -> PolicyFit:
+    """Reverse-KL projection onto a policy class: ``argmin_theta E_rho0 KL(P_theta || Q)``.
+
+    Mode-seeking (slides 001, "Recap: Forward and Reverse KL").  Minimises
+    :func:`rkl_objective` with L-BFGS.  ``target_leaf_logp`` is ``(P, N)`` (``-inf`` allowed).
+    """
+    tree = policy_class.tree
+    q = tree.check_leaf_array("target_leaf_logp", target_leaf_logp, allow_neg_inf=True)
+    theta0 = policy_class.init() if theta0 is None else theta0
+    res = _fit(lambda t: rkl_objective(policy_class, t, q), theta0, tol, maxiter)
+    log_pi = policy_class.conditionals(res.x)
+    return PolicyFit(res.x, log_pi, leaf_logprobs(tree, log_pi), float(res.fun), True, bool(res.success), int(res.nit))
+
+
+def soft_rl_projection(policy_class, log_pi_ref, reward, beta: float, **kw) -> PolicyFit:
+    """Soft RL over a restricted class = reverse-KL projection of the Gibbs ``P*``.
+
+    Since ``J(pi) = beta log Z - beta KL(P_pi || P*)``, maximising ``J`` over the class is
+    ``argmin KL(P_pi || P*)`` (slides 000, "soft RL = RKL projection onto Pi").
+    """
+    tree = policy_class.tree
+    ref = leaf_logprobs(tree, tree.check_levels("log_pi_ref", log_pi_ref))
+    target, _ = gibbs_policy(ref, tree.check_leaf_array("reward", reward), beta)
+    return rkl_projection(policy_class, target, **kw)
+
+
+def cross_entropy_objective(policy_class, theta, weights) -> tuple[float, np.ndarray]:
+    """``-sum_{p, xi} w[p, xi] log P_theta(xi | p)`` and its gradient, for joint weights ``w >= 0``."""
+    tree = policy_class.tree
+    w = np.asarray(weights, dtype=float)
+    pos = w > 0
+    log_pi = policy_class.conditionals(theta)
+    lp = leaf_logprobs(tree, log_pi)
+    if np.any(np.isneginf(lp[pos])):
+        raise ValueError("the policy class gives zero probability to a target completion: cross-entropy is infinite")
+    return -float((w[pos] * lp[pos]).sum()), policy_class.leaf_logprobs_vjp(theta, -w, log_pi=log_pi)
+
+
+def _cross_entropy_fit(policy_class, w, theta0, tol, maxiter) -> PolicyFit:
+    tree = policy_class.tree
+    theta0 = policy_class.init() if theta0 is None else theta0
+    res = _fit(lambda t: cross_entropy_objective(policy_class, t, w), theta0, tol, maxiter)
+    log_pi = policy_class.conditionals(res.x)
+    return PolicyFit(res.x, log_pi, leaf_logprobs(tree, log_pi), float(res.fun), True, bool(res.success), int(res.nit))
+
+
+def fkl_projection(policy_class, target_probs, theta0=None, tol: float = 1e-10, maxiter: int = 2000) -> PolicyFit:
+    """Forward-KL (maximum-likelihood) projection: ``argmin_theta E_rho0 KL(Q || P_theta)``.
+
+    .. math:: \\min_\\theta -\\sum_{s_0} \\rho_0(s_0) \\sum_\\xi Q(\\xi|s_0) \\log P_\\theta(\\xi|s_0)
+
+    Mode-covering.  ``target_probs`` is a leaf distribution ``(P, N)``.  If ``Q`` has zeros
+    that the class can only approach (e.g. tabular logits), the optimum lies at infinity and
+    the fit stops where the optimiser meets its tolerance.
+    """
+    tree = policy_class.tree
+    q = tree.check_leaf_array("target_probs", target_probs)
+    if np.any(q < 0):
+        raise ValueError("target_probs must be non-negative")
+    return _cross_entropy_fit(policy_class, tree.rho0[:, None] * q, theta0, tol, maxiter)
+
+
+def sft(tree: TokenTree, prompts, leaves, policy_class, theta0=None, tol: float = 1e-10, maxiter: int = 2000) -> PolicyFit:
+    """Supervised fine-tuning on demonstrations = forward-KL projection of their empirical law.
+
+    ``min_theta -(1/n) sum_i log P_theta(xi_i | s0_i)`` (slides 000, "SFT / behaviour cloning").
+    """
+    prompts = np.asarray(prompts)
+    leaves = np.asarray(leaves)
+    if prompts.shape != leaves.shape or prompts.ndim != 1 or prompts.size == 0:
+        raise ValueError("prompts and leaves must be non-empty 1-D arrays of the same length")
+    if prompts.min() < 0 or prompts.max() >= tree.P or leaves.min() < 0 or leaves.max() >= tree.n_leaves:
+        raise ValueError(f"prompts must lie in [0, {tree.P}) and leaves in [0, {tree.n_leaves})")
+    counts = np.bincount(prompts * tree.n_leaves + leaves, minlength=tree.P * tree.n_leaves)
+    return _cross_entropy_fit(policy_class, (counts / counts.sum()).reshape(tree.P, -1), theta0, tol, maxiter)
+
+
+# ====================================================================== Pi(R)
+@dataclass(frozen=True, eq=False)
+class SoftOptimalPolicyClass:
+    """``Pi(R)``: the soft-optimal policies of a reward class, parameterised by the reward's ``w``.
+
+    .. math:: \\log P_w(\\xi) = \\log P_{ref}(\\xi) + r_w(\\xi)/\\beta - \\log Z_w(s_0), \\qquad
+              \\nabla_w \\log P_w(\\xi) = [\\nabla_w r_w(\\xi) - E_{P_w} \\nabla_w r_w]/\\beta
+
+    DPO over this class equals reward MLE over ``R`` (the log-partition cancels in the margin):
+    restricting the policy class closes the generation–verification gap (Swamy et al. 2025,
+    arXiv:2503.01067).
+    """
+
+    reward_class: object
+    log_pi_ref: tuple
+    beta: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "beta", _check_beta(self.beta))
+        object.__setattr__(self, "log_pi_ref", self.tree.check_levels("log_pi_ref", self.log_pi_ref))
+
+    @property
+    def tree(self) -> TokenTree:
+        return self.reward_class.tree
+
+    @property
+    def n_params(self) -> int:
+        return self.reward_class.n_params
+
+    def init(self) -> np.ndarray:
+        return self.reward_class.init()
+
+    def conditionals(self, theta):
+        return soft_optimal_policy(self.tree, self.log_pi_ref, self.reward_class.reward(theta), self.beta).log_pi
+
+    def leaf_logprobs(self, theta):
+        return leaf_logprobs(self.tree, self.conditionals(theta))
+
+    def leaf_logprobs_vjp(self, theta, g_leaf, log_pi=None):
+        log_pi = self.conditionals(theta) if log_pi is None else log_pi
+        with np.errstate(under="ignore"):
+            p = np.exp(leaf_logprobs(self.tree, log_pi))
+        g = np.asarray(g_leaf, dtype=float)
+        return self.reward_class.vjp(g - p * g.sum(axis=1, keepdims=True)) / self.beta
+

@@ -1,0 +1,268 @@
+"""The language model as a deterministic token-tree MDP.
+
+A prompt ``s0`` is drawn from ``rho0``; the policy emits ``H`` tokens from a vocabulary of ``V``;
+the state is the prompt plus the prefix and the dynamics are deterministic, ``s' = s . a``
+(Swamy, *The Information Geometry of RLHF*, slides 000: "Language Modeling as an MDP").
+
+Index layout (everything is a reshape)
+--------------------------------------
+* A depth-``h`` node is the integer ``i`` whose base-``V`` digits (most significant first) are
+  its ``h`` prefix tokens; its children are ``V * i + a``.
+* Per-level arrays (conditional log-probabilities, per-action gradients) have shape
+  ``(P, V**h, V)``: entry ``[p, i, a]`` belongs to the edge from node ``i`` to ``V * i + a``.
+* Leaf arrays have shape ``(P, V**H)`` in lexicographic order of the completion tokens.
+* Python loops run over depth only, never over nodes or leaves.
+
+EOS
+---
+With ``eos`` set, a node whose prefix already contains EOS is *absorbed*: its only child with
+positive probability is EOS again, with probability 1 (not a choice of the policy).  A leaf whose
+tokens after the first EOS are all EOS is a *valid* completion of length ``k`` (the position of
+the first EOS, plus one); every other leaf has probability zero under every policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+__all__ = ["TokenTree", "GiB"]
+
+GiB = 2**30
+
+#: Number of float64 leaf-sized arrays a typical exact computation keeps alive at once
+#: (rewards, reference and policy log-probabilities per level, values, gradients).
+_WORKING_ARRAYS = 8
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenTree:
+    """A forest of ``P`` complete ``V``-ary token trees of depth ``H``.
+
+    Parameters
+    ----------
+    V : int
+        Vocabulary size (>= 2).
+    H : int
+        Horizon: number of generated tokens (>= 1).
+    rho0 : array_like of shape (P,), optional
+        Prompt distribution.  Defaults to uniform over ``P`` prompts.
+    P : int, optional
+        Number of prompts when ``rho0`` is not given (default 1).
+    eos : int, optional
+        Token index of the end-of-sequence token, giving variable-length completions.
+    memory_budget : float
+        Bytes a computation on this tree may use (default 4 GiB).  A tree whose estimated
+        working set exceeds it is refused up front; raise it if your machine has more.
+
+    Examples
+    --------
+    >>> tree = TokenTree(V=3, H=2, P=2)
+    >>> tree.n_leaves, tree.tokens().shape
+    (9, (9, 2))
+    """
+
+    V: int
+    H: int
+    rho0: np.ndarray | None = None
+    P: int | None = None
+    eos: int | None = None
+    memory_budget: float = 4 * GiB
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        V = _check_int("V", self.V, 2)
+        H = _check_int("H", self.H, 1)
+        if self.rho0 is None:
+            P = 1 if self.P is None else _check_int("P", self.P, 1)
+            rho0 = np.full(P, 1.0 / P)
+        else:
+            rho0 = np.asarray(self.rho0, dtype=float)
+            if rho0.ndim != 1 or rho0.size == 0:
+                raise ValueError(f"rho0 must be a non-empty 1-D probability vector, got shape {rho0.shape}")
+            if self.P is not None and _check_int("P", self.P, 1) != rho0.size:
+                raise ValueError(f"P={self.P} disagrees with len(rho0)={rho0.size}")
+            if not np.all(np.isfinite(rho0)) or np.any(rho0 < 0) or abs(rho0.sum() - 1.0) > 1e-9:
+                raise ValueError(f"rho0 must be non-negative and sum to 1, got {rho0!r}")
+            P = rho0.size
+        rho0 = rho0.copy()
+        rho0.setflags(write=False)
+        if self.eos is not None:
+            eos = _check_int("eos", self.eos, 0)
+            if eos >= V:
+                raise ValueError(f"eos must be a token index in [0, V={V}), got {eos}")
+            object.__setattr__(self, "eos", eos)
+        if not (isinstance(self.memory_budget, (int, float)) and self.memory_budget > 0):
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {self.memory_budget!r}")
+        object.__setattr__(self, "V", V)
+        object.__setattr__(self, "H", H)
+        object.__setattr__(self, "P", P)
+        object.__setattr__(self, "rho0", rho0)
+        self.require_bytes(self.estimated_bytes(), "the tree's working set")
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_leaves(self) -> int:
+        """Leaves per prompt, ``V**H``."""
+        return self.V**self.H
+
+    def level_size(self, h: int) -> int:
+        """Number of nodes at depth ``h`` (``V**h``) per prompt."""
+        if not 0 <= h <= self.H:
+            raise ValueError(f"depth h must be in [0, H={self.H}], got {h}")
+        return self.V**h
+
+    @property
+    def n_edges(self) -> int:
+        """Edges (node, action) per prompt: ``sum_h V**(h+1)``."""
+        return sum(self.V ** (h + 1) for h in range(self.H))
+
+    def estimated_bytes(self, itemsize: int = 8, arrays: int = _WORKING_ARRAYS) -> int:
+        """Estimated bytes of ``arrays`` leaf-sized (plus per-level) arrays for all prompts."""
+        return int(itemsize * arrays * self.P * (self.n_leaves + self.n_edges))
+
+    def require_bytes(self, nbytes: float, what: str) -> None:
+        """Refuse, with the estimated size, a computation that would exceed ``memory_budget``."""
+        if nbytes > self.memory_budget:
+            raise ValueError(
+                f"{what} needs about {nbytes / GiB:.2f} GiB for a tree with P={self.P}, V={self.V}, "
+                f"H={self.H} ({self.P * self.n_leaves:,} leaves), over memory_budget="
+                f"{self.memory_budget / GiB:.2f} GiB; pass a larger memory_budget to TokenTree "
+                "if the machine has the memory"
+            )
+
+    # ------------------------------------------------------------ enumeration
+    def tokens(self) -> np.ndarray:
+        """All completions as tokens, shape ``(V**H, H)``, lexicographic (leaf index) order."""
+        if "tokens" not in self._cache:
+            idx = np.arange(self.n_leaves)
+            powers = self.V ** np.arange(self.H - 1, -1, -1)
+            tok = (idx[:, None] // powers[None, :]) % self.V
+            tok.setflags(write=False)
+            self._cache["tokens"] = tok
+        return self._cache["tokens"]
+
+    def prefixes(self, h: int) -> np.ndarray:
+        """Prefix tokens of the depth-``h`` nodes, shape ``(V**h, h)``."""
+        n = self.level_size(h)
+        idx = np.arange(n)
+        powers = self.V ** np.arange(h - 1, -1, -1)
+        return (idx[:, None] // powers[None, :]) % self.V
+
+    def leaf_index(self, tokens) -> np.ndarray:
+        """Leaf index of completions given as tokens of shape ``(..., H)``."""
+        tok = np.asarray(tokens)
+        if tok.shape[-1:] != (self.H,):
+            raise ValueError(f"tokens must have last axis of length H={self.H}, got shape {tok.shape}")
+        if not np.issubdtype(tok.dtype, np.integer):
+            raise TypeError(f"tokens must be integers, got dtype {tok.dtype}")
+        if tok.size and (tok.min() < 0 or tok.max() >= self.V):
+            raise ValueError(f"tokens must lie in [0, V={self.V}), got range [{tok.min()}, {tok.max()}]")
+        powers = self.V ** np.arange(self.H - 1, -1, -1)
+        return tok @ powers
+
+    # -------------------------------------------------------------------- EOS
+    def absorbed(self, h: int) -> np.ndarray:
+        """Boolean ``(V**h,)``: depth-``h`` nodes whose prefix already contains EOS."""
+        if self.eos is None:
+            return np.zeros(self.level_size(h), dtype=bool)
+        return np.any(self.prefixes(h) == self.eos, axis=1)
+
+    def valid_leaves(self) -> np.ndarray:
+        """Boolean ``(V**H,)``: leaves reachable under some policy (all of them without EOS)."""
+        if "valid" not in self._cache:
+            if self.eos is None:
+                v = np.ones(self.n_leaves, dtype=bool)
+            else:
+                tok = self.tokens()
+                seen = np.cumsum(tok == self.eos, axis=1) > 0
+                after = np.zeros_like(seen)
+                after[:, 1:] = seen[:, :-1]
+                v = ~np.any(after & (tok != self.eos), axis=1)
+            v.setflags(write=False)
+            self._cache["valid"] = v
+        return self._cache["valid"]
+
+    def lengths(self) -> np.ndarray:
+        """Completion length of every leaf, shape ``(V**H,)``: first EOS position + 1, else ``H``."""
+        if "lengths" not in self._cache:
+            if self.eos is None:
+                n = np.full(self.n_leaves, self.H)
+            else:
+                is_eos = self.tokens() == self.eos
+                n = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, self.H)
+            n.setflags(write=False)
+            self._cache["lengths"] = n
+        return self._cache["lengths"]
+
+    def apply_eos(self, log_pi: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        """Force absorbed nodes to emit EOS with probability 1 (log-prob 0, others ``-inf``)."""
+        if self.eos is None:
+            return tuple(log_pi)
+        out = []
+        row = np.full(self.V, -np.inf)
+        row[self.eos] = 0.0
+        for h, lp in enumerate(log_pi):
+            mask = self.absorbed(h)
+            if mask.any():
+                lp = np.array(lp, copy=True)
+                lp[:, mask, :] = row
+            out.append(lp)
+        return tuple(out)
+
+    # ------------------------------------------------------------------ misc
+    def average(self, per_prompt) -> float:
+        """``E_{s0 ~ rho0}`` of a per-prompt quantity of shape ``(P,)``."""
+        x = np.asarray(per_prompt, dtype=float)
+        if x.shape != (self.P,):
+            raise ValueError(f"per_prompt must have shape (P,)=({self.P},), got {x.shape}")
+        mask = self.rho0 > 0
+        return float(np.dot(self.rho0[mask], x[mask]))
+
+    def check_leaf_array(self, name: str, x, allow_neg_inf: bool = False) -> np.ndarray:
+        """Validate a leaf array of shape ``(P, V**H)`` (or ``(V**H,)``, broadcast over prompts)."""
+        a = np.asarray(x, dtype=float)
+        if a.shape == (self.n_leaves,):
+            a = np.broadcast_to(a, (self.P, self.n_leaves))
+        if a.shape != (self.P, self.n_leaves):
+            raise ValueError(
+                f"{name} must have shape (P, V**H)=({self.P}, {self.n_leaves}) or ({self.n_leaves},), "
+                f"got {a.shape}"
+            )
+        if np.isnan(a).any():
+            raise ValueError(f"{name} contains NaN")
+        if allow_neg_inf:
+            if np.any(a == np.inf):
+                raise ValueError(f"{name} contains +inf")
+        elif not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} must be finite (got inf)")
+        return a
+
+    def check_levels(self, name: str, log_pi) -> tuple[np.ndarray, ...]:
+        """Validate conditional log-probabilities: a sequence of ``H`` arrays ``(P, V**h, V)``."""
+        if not isinstance(log_pi, (tuple, list)) or len(log_pi) != self.H:
+            raise TypeError(f"{name} must be a tuple of H={self.H} per-level arrays (P, V**h, V)")
+        out = []
+        for h, lp in enumerate(log_pi):
+            lp = np.asarray(lp, dtype=float)
+            want = (self.P, self.V**h, self.V)
+            if lp.shape != want:
+                raise ValueError(f"{name}[{h}] must have shape {want}, got {lp.shape}")
+            if np.isnan(lp).any() or np.any(lp > 1e-9):
+                raise ValueError(f"{name}[{h}] must be log-probabilities (<= 0, no NaN)")
+            out.append(lp)
+        return tuple(out)
+
+    def __repr__(self) -> str:
+        eos = "" if self.eos is None else f", eos={self.eos}"
+        return f"TokenTree(V={self.V}, H={self.H}, P={self.P}{eos})"
