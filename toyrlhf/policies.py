@@ -111,7 +111,7 @@ def leaf_logprobs(tree: TokenTree, log_pi) -> np.ndarray:
     Examples
     --------
     >>> tree = TokenTree(V=2, H=3)
-    >>> np.exp(leaf_logprobs(tree, uniform_policy(tree))).sum()
+    >>> round(float(np.exp(leaf_logprobs(tree, uniform_policy(tree))).sum()), 12)
     1.0
     """
     P = tree.P
