@@ -486,7 +486,7 @@ def test_python_m_toyrlhf_and_light_import() -> None:
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "toyrlhf 0.1.0", done.stderr
     code = ("import sys, toyrlhf, toyrlhf.cli, toyrlhf.experiments; "
-            "print(sorted(m for m in ('matplotlib', 'scipy') if m in sys.modules))")
+            "print(sorted(m for m in ('matplotlib', 'cupy', 'torch', 'jax') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                           capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 
 from .tree import TokenTree
 
@@ -68,11 +69,11 @@ class TabularReward:
         """Gradient of ``sum g * r_w`` with respect to ``w``."""
         return np.asarray(g_leaf, dtype=float).ravel().copy()
 
-    def design(self, prompt, leaf) -> np.ndarray:
-        """Rows ``d r(prompt, leaf) / dw`` (one-hot), shape ``(M, n_params)``."""
-        X = np.zeros((len(prompt), self.n_params))
-        X[np.arange(len(prompt)), np.asarray(prompt) * self.tree.n_leaves + np.asarray(leaf)] = 1.0
-        return X
+    def design(self, prompt, leaf) -> sparse.csr_array:
+        """Rows ``d r(prompt, leaf) / dw`` (one-hot), a sparse ``(M, n_params)`` matrix."""
+        M = len(prompt)
+        cols = np.asarray(prompt) * self.tree.n_leaves + np.asarray(leaf)
+        return sparse.csr_array((np.ones(M), (np.arange(M), cols)), shape=(M, self.n_params))
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,421 @@
+"""Tests of toyrlhf.nash: general preferences, minimax winners, regularised Nash, Nash-MD, SPO.
+
+Each test states the result it checks and where its tolerance comes from.
+"""
+
+import numpy as np
+import pytest
+from scipy.special import logit, logsumexp
+
+from toyrlhf import nash
+from toyrlhf.nash import (
+    NashSolverError,
+    bt_preference,
+    check_preference,
+    cyclic_preference,
+    exploitability,
+    hedge_regret_bound,
+    kl_divergence,
+    linear_preference,
+    minimax_winner,
+    mixture_preference,
+    nash_md,
+    nash_md_bound,
+    regularized_best_response,
+    regularized_exploitability,
+    regularized_nash,
+    self_play,
+    win_rates,
+)
+
+EPS = np.finfo(float).eps
+#: HiGHS feasibility tolerance used by minimax_winner; the LP's exploitability is of this order.
+LP_TOL = 1e-10
+
+
+def random_log_p(rng, n, zeros=0):
+    p = rng.dirichlet(np.ones(n))
+    if zeros:
+        p[rng.choice(n, zeros, replace=False)] = 0.0
+        p /= p.sum()
+    with np.errstate(divide="ignore"):
+        return np.log(p)
+
+
+def weighted_rps(a, b, c):
+    """Rock–paper–scissors with unequal margins: 1 beats 2 by a, 3 beats 1 by b, 2 beats 3 by c.
+
+    ``A - 1/2`` is skew-symmetric with kernel ``(c, b, a)``, so the unique Nash is ``∝ (c, b, a)``.
+    """
+    S = np.array([[0, a, -b], [-a, 0, c], [b, -c, 0]])
+    return 0.5 + S
+
+
+# ----------------------------------------------------------------------------- constructors
+def test_bad_preferences_raise_naming_the_argument():
+    good = cyclic_preference(3)
+    check_preference(good)  # valid
+    bad_cases = {
+        "not complementary": good + 0.1 * np.eye(3),
+        "outside [0,1]": 0.5 + 0.6 * (good - 0.5) * 2,
+        "wrong shape": np.full((2, 3), 0.5),
+        "NaN": np.where(np.eye(3, dtype=bool), np.nan, good),
+        "empty": np.zeros((0, 0)),
+    }
+    for A in bad_cases.values():
+        with pytest.raises(ValueError, match="pref"):
+            check_preference(A)
+        with pytest.raises(ValueError, match="pref"):
+            minimax_winner(A)
+    with pytest.raises(ValueError, match="log_p_ref"):
+        regularized_nash(good, np.log([0.5, 0.5]), 0.1)
+    with pytest.raises(ValueError, match="log_p"):
+        exploitability(good, np.log([0.5, 0.6, 0.1]))  # not normalised
+
+
+def test_constructors_are_valid_preferences_and_bt_is_bt():
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal((2, 5))
+    A = bt_preference(r)
+    check_preference(A)
+    # BT logits are additive: logit A_ij + logit A_jk = logit A_ik (r_i - r_j + r_j - r_k)
+    L = logit(A[0])
+    assert np.allclose(L[:, :, None] + L[None, :, :], L[:, None, :], atol=1e-12)  # [i,j,k]
+    for n in (1, 2, 3, 4, 7):
+        check_preference(cyclic_preference(n, 0.7))
+    # three annotators with cyclically shifted rankings: a Condorcet cycle that no reward explains
+    M = mixture_preference(3.0 * np.array([[2, 1, 0], [0, 2, 1], [1, 0, 2]], float))
+    check_preference(M)
+    assert M[0, 1] > 0.5 and M[1, 2] > 0.5 and M[2, 0] > 0.5  # 0 > 1 > 2 > 0
+    # for BT, logit(M01) + logit(M12) = logit(M02) < 0 would be needed; here all three are > 0
+    assert logit(M[0, 1]) + logit(M[1, 2]) + logit(M[2, 0]) > 0.5
+
+
+# ----------------------------------------------------------------------------- minimax winner
+def test_rock_paper_scissors_nash_is_uniform_with_value_half():
+    A = cyclic_preference(3)
+    sol = minimax_winner(A)
+    assert np.allclose(sol.probs, 1 / 3, atol=LP_TOL)
+    assert abs(sol.value - 0.5) < LP_TOL
+    assert 0 <= sol.exploitability + EPS and sol.exploitability < 10 * LP_TOL
+    # random policies are exploitable; closed form for RPS: (A pi)_i = 1/2 + (pi_{i+1} - pi_{i-1})/2
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        lp = random_log_p(rng, 3)
+        p = np.exp(lp)
+        closed = np.max((np.roll(p, -1) - np.roll(p, 1)) / 2)
+        e = exploitability(A, lp)
+        assert abs(e - closed) < 1e-15
+        assert e > 0
+
+
+@pytest.mark.parametrize("n,s", [(5, 0.6), (7, 1.0)])
+def test_odd_cyclic_preference_has_uniform_nash(n, s):
+    sol = minimax_winner(cyclic_preference(n, s))
+    assert np.allclose(sol.probs, 1 / n, atol=10 * LP_TOL)
+    assert sol.exploitability < 10 * LP_TOL
+
+
+def test_weighted_rps_closed_form_nash():
+    a, b, c = 0.1, 0.3, 0.2
+    sol = minimax_winner(weighted_rps(a, b, c))
+    want = np.array([c, b, a]) / (a + b + c)
+    assert np.allclose(sol.probs, want, atol=10 * LP_TOL)
+
+
+def test_bt_preference_nash_is_on_the_reward_maximisers():
+    rng = np.random.default_rng(2)
+    r = rng.standard_normal(8)
+    r[[2, 5]] = r.max() + 0.3  # two tied maximisers
+    A = bt_preference(r)
+    sol = minimax_winner(A)
+    top = r == r.max()
+    assert sol.probs[~top].sum() < 10 * LP_TOL
+    assert sol.exploitability < 10 * LP_TOL
+    # and the reward-maximising (greedy) policy itself is unexploitable
+    greedy = np.where(top, np.log(0.5), -np.inf)
+    assert abs(exploitability(A, greedy)) < 1e-15
+
+
+def test_batched_prompts_match_single():
+    rng = np.random.default_rng(3)
+    A = np.stack(
+        [cyclic_preference(4, 0.5), bt_preference(rng.standard_normal(4)), np.full((4, 4), 0.5)]
+    )
+    A[2, :3, :3] = weighted_rps(0.1, 0.2, 0.2)
+    sol = minimax_winner(A)
+    for p in range(3):
+        assert abs(sol.exploitability[p] - exploitability(A[p], sol.log_p[p])) < 1e-15
+        assert sol.exploitability[p] < 10 * LP_TOL
+
+
+def test_linprog_failure_raises_with_solver_message(monkeypatch):
+    class Failed:
+        status, message, x = 4, "Numerical difficulties encountered (simulated)", None
+
+    monkeypatch.setattr(nash.optimize, "linprog", lambda *a, **k: Failed())
+    with pytest.raises(NashSolverError, match="Numerical difficulties"):
+        minimax_winner(cyclic_preference(3))
+
+
+# ----------------------------------------------------------------------------- regularised Nash
+def test_regularized_gap_certificate_formula():
+    """tau KL(pi || BR(pi)) = max_q f(q, pi) - 1/2 = tau lse(log mu + A pi/tau) + tau KL(pi||mu) - 1/2.
+
+    And no q does better than the closed-form max (checked on random q).
+    """
+    rng = np.random.default_rng(4)
+    A = mixture_preference(2 * rng.standard_normal((3, 6)))
+    lmu = random_log_p(rng, 6)
+    tau = 0.3
+    for _ in range(20):
+        lp = random_log_p(rng, 6)
+        p = np.exp(lp)
+        closed = tau * logsumexp(lmu + A @ p / tau) + tau * kl_divergence(lp, lmu) - 0.5
+        assert abs(regularized_exploitability(A, lp, lmu, tau) - closed) < 1e-14
+
+        def f(lq, p=p, lp=lp):  # f(q, pi) of the regularised game
+            return np.exp(lq) @ A @ p - tau * kl_divergence(lq, lmu) + tau * kl_divergence(lp, lmu)
+
+        best = f(regularized_best_response(A, lp, lmu, tau))
+        assert abs(best - 0.5 - closed) < 1e-14
+        for _ in range(20):
+            assert f(random_log_p(rng, 6)) <= best + 1e-15
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.1, 0.01, 1e-3])
+def test_regularized_nash_first_order_conditions(tau):
+    rng = np.random.default_rng(5)
+    A = mixture_preference(3 * rng.standard_normal((4, 9)))
+    lmu = random_log_p(rng, 9)
+    sol = regularized_nash(A, lmu, tau)
+    p = sol.probs
+    # fixed point pi = softmax(log mu + A pi / tau): residual in preference units, to ~N eps
+    g = tau * (sol.log_p - lmu) - A @ p
+    assert np.ptp(g) < 1e-12
+    assert abs(p.sum() - 1) < 1e-14
+    # the duality-gap certificate vanishes (it is >= 0 up to rounding)
+    assert -1e-15 < regularized_exploitability(A, sol.log_p, lmu, tau) < 1e-13
+    # best response to pi* is pi*
+    br = regularized_best_response(A, sol.log_p, lmu, tau)
+    assert np.max(np.abs(np.exp(br) - p)) < 1e-11
+
+
+def test_regularized_nash_of_linear_preference_is_the_gibbs_policy():
+    """A_ij = 1/2 + (r_i - r_j)/2  =>  A pi = const + r/2  =>  pi* ∝ mu exp(r / (2 tau))."""
+    from toyrlhf.projections import gibbs_policy
+
+    rng = np.random.default_rng(6)
+    r = rng.random((3, 7))
+    lmu = np.stack([random_log_p(rng, 7, zeros=z) for z in (0, 2, 3)])
+    tau = 0.05
+    sol = regularized_nash(linear_preference(r), lmu, tau)
+    want, _ = gibbs_policy(lmu, r, 2 * tau)
+    fin = np.isfinite(want)
+    assert np.array_equal(fin, np.isfinite(sol.log_p))
+    assert np.max(np.abs(sol.log_p[fin] - want[fin])) < 1e-9
+
+
+def test_regularized_nash_with_zeros_in_reference():
+    rng = np.random.default_rng(7)
+    A = cyclic_preference(7, 0.8)
+    lmu = random_log_p(rng, 7, zeros=3)
+    sol = regularized_nash(A, lmu, 0.02)
+    assert not np.isnan(sol.log_p).any()
+    assert np.array_equal(np.isinf(sol.log_p), np.isinf(lmu))
+    assert sol.residual < 1e-12
+    md = nash_md(A, lmu, 0.02, 1.0, 50)
+    assert not np.isnan(md).any()
+    assert np.all(np.isinf(md[:, np.isinf(lmu)]))
+    # eta * tau = 1: the mixture is pi_ref itself (0 * -inf handled)
+    md1 = nash_md(A, lmu, 0.5, 2.0, 3)
+    assert not np.isnan(md1).any()
+
+
+def test_regularized_nash_symmetric_cyclic_with_uniform_reference_is_uniform():
+    for tau in (1.0, 0.01):
+        sol = regularized_nash(cyclic_preference(5, 0.9), np.full(5, -np.log(5)), tau)
+        assert np.max(np.abs(sol.probs - 0.2)) < 1e-14
+
+
+def test_regularized_nash_bt_preserves_reward_order():
+    """With BT, log(pi*/mu) = (A pi*)/tau + c and (A pi*)_i = E_{pi*} sigmoid(r_i - r_j) is
+    strictly increasing in r_i: the regularised Nash tilts mu in the reward's order (but it is
+    not the Gibbs policy of r)."""
+    rng = np.random.default_rng(8)
+    r = rng.standard_normal(9)
+    lmu = random_log_p(rng, 9)
+    sol = regularized_nash(bt_preference(r), lmu, 0.1)
+    tilt = sol.log_p - lmu
+    order = np.argsort(r)
+    assert np.all(np.diff(tilt[order]) > 0)
+
+
+def test_regularized_nash_approaches_minimax_winner_as_tau_vanishes():
+    """Exploitability(pi*_tau) <= tau max_j log(1/mu_j): from f(e_j, pi*) <= f(pi*, pi*) = 1/2
+    with KL(e_j || mu) = -log mu_j.  For the weighted RPS (unique interior Nash) the distance to
+    the LP Nash is linear in tau: ||pi*_tau - pi*||_1 / tau converges, with O(tau) relative error."""
+    a, b, c = 0.1, 0.3, 0.2
+    A = weighted_rps(a, b, c)
+    lmu = np.log([0.6, 0.3, 0.1])
+    nash_lp = np.array([c, b, a]) / (a + b + c)
+    ratios = []
+    for tau in (1e-1, 1e-2, 1e-3, 1e-4):
+        sol = regularized_nash(A, lmu, tau)
+        e = exploitability(A, sol.log_p)
+        assert e <= tau * np.max(-lmu) + 1e-15
+        ratios.append(np.abs(sol.probs - nash_lp).sum() / tau)
+    assert abs(ratios[-1] / ratios[-2] - 1) < 10 * 1e-3  # O(tau) with a modest constant
+    assert ratios[-1] * 1e-4 < 1e-3
+
+
+# ----------------------------------------------------------------------------- Nash-MD
+@pytest.mark.parametrize("tau,eta", [(0.5, 0.02), (1.0, 0.05), (0.2, 0.5)])
+def test_nash_md_obeys_theorem_1_bound(tau, eta):
+    """Munos et al. 2023 (arXiv:2312.00886) Theorem 1:
+    KL(pi*, pi_{t+1}) <= (1 - eta tau)^t KL(pi*, pi_0) + 2 eta / tau, checked at every t.
+    For the first two settings the bound is informative (prompt 0: it falls below KL0 / 2)."""
+    rng = np.random.default_rng(9)
+    A = np.stack([mixture_preference(3 * rng.standard_normal((3, 6))), cyclic_preference(6, 0.9)])
+    lmu = np.stack([random_log_p(rng, 6), random_log_p(rng, 6, zeros=1)])
+    star = regularized_nash(A, lmu, tau).log_p
+    T = 400
+    # a random start, and the uniform policy on pi_ref's support (Nash-MD keeps pi_0's zeros)
+    init = np.stack([random_log_p(rng, 6), np.where(np.isfinite(lmu[1]), -np.log(5), -np.inf)])
+    it = nash_md(A, lmu, tau, eta, T, log_p_init=init)
+    kl = kl_divergence(star[None], it)  # (T+1, P)
+    bound = nash_md_bound(kl[0], tau, eta, T)
+    assert np.all(kl <= bound + 1e-12)
+    if 2 * eta / tau < 0.1:
+        assert bound[-1, 0] < kl[0, 0] / 2  # prompt 0 starts far from pi*
+
+
+def test_nash_md_fixed_point_and_vanishing_bias():
+    """With constant eta, Nash-MD converges linearly to the point pi = softmax(log mu + A pi^mu/tau)
+    (pi^mu the geometric mixture), at KL distance <= 2 eta / tau from pi*_tau (Theorem 1, t -> inf);
+    the bias shrinks with eta and the bound's constant term is respected."""
+    rng = np.random.default_rng(10)
+    A = mixture_preference(3 * rng.standard_normal((3, 5)))
+    lmu = random_log_p(rng, 5)
+    tau = 0.1
+    star = regularized_nash(A, lmu, tau).log_p
+    biases = []
+    for eta in (1.0, 0.3, 0.1):
+        x = nash_md(A, lmu, tau, eta, 3000)[-1]
+        mix = (1 - eta * tau) * x + eta * tau * lmu
+        mix -= logsumexp(mix)
+        g = tau * (x - lmu) - A @ np.exp(mix)
+        assert np.ptp(g) < 1e-12
+        bias = kl_divergence(star, x)
+        assert bias <= 2 * eta / tau
+        biases.append(bias)
+    assert biases[0] > biases[1] > biases[2]
+
+
+# ----------------------------------------------------------------------------- SPO
+def test_spo_average_iterate_exploitability_is_average_regret_and_obeys_hedge_bound():
+    """e(bar pi_T) = Reg_T / T exactly (pi_t^T A pi_t = 1/2), and Hedge: Reg_T/T <= log N/(eta T) + eta/8."""
+    A = cyclic_preference(5, 0.8)
+    N, T, eta = 5, 400, 0.2
+    sp = self_play(A, T, eta)
+    P = np.exp(sp.log_p[:-1])  # pi_0..pi_{T-1}
+    r = P @ A.T  # r_t = A pi_t
+    regret = r.sum(axis=0).max() - np.einsum("ti,ti->", P, r)
+    e = exploitability(A, sp.average_log_p[-1])
+    assert abs(e - regret / T) < 1e-12
+    es = exploitability(A[None].repeat(T, 0), sp.average_log_p)
+    assert np.all(es <= hedge_regret_bound(N, eta, np.arange(1, T + 1)) + 1e-12)
+
+
+def test_spo_rate_is_one_over_sqrt_T():
+    """With eta_T = sqrt(8 log N / T) the bound is sqrt(log N / (2T)): O(1/sqrt T)."""
+    A = weighted_rps(0.1, 0.3, 0.2)
+    A5 = np.full((5, 5), 0.5)
+    A5[:3, :3] = A
+    A5[3:, :3], A5[:3, 3:] = 0.4, 0.6  # two dominated extras
+    N = 5
+    es = []
+    for T in (100, 400, 1600):
+        eta = np.sqrt(8 * np.log(N) / T)
+        e = exploitability(A5, self_play(A5, T, eta).average_log_p[-1])
+        assert e <= np.sqrt(np.log(N) / (2 * T)) + 1e-12
+        es.append(e)
+    assert es[2] < es[0]
+
+
+def test_spo_last_iterate_cycles_on_rock_paper_scissors():
+    """Multiplicative weights moves away from an interior equilibrium (Bailey & Piliouras 2018,
+    EC): KL(u || pi_{t+1}) - KL(u || pi_t) = log E_{pi_t} e^{eta r_t} - eta u^T r_t >= 0 by Jensen,
+    since u^T A pi = 1/2 = pi^T A pi.  The last iterate stays exploitable while the average
+    iterate meets the Hedge bound."""
+    A = cyclic_preference(3)
+    x0 = np.log([0.4, 0.35, 0.25])
+    T = 2000
+    eta = np.sqrt(8 * np.log(4) / T)  # max_i log 1/pi_0(i) = log 4
+    sp = self_play(A, T, eta, log_p_init=x0)
+    u = np.full(3, -np.log(3))
+    kl = kl_divergence(u[None], sp.log_p)
+    assert np.all(np.diff(kl) >= -1e-15)
+    bound = hedge_regret_bound(x0, eta, T)
+    assert exploitability(A, sp.average_log_p[-1]) <= bound
+    last = exploitability(A[None].repeat(T + 1, 0), sp.log_p)
+    assert last[T // 2 :].min() > bound  # never gets as close as the average
+
+
+# ----------------------------------------------------------------------------- the reward view
+def test_bt_fit_to_symmetric_cycle_is_flat_and_rlhf_returns_reference():
+    """Cyclic symmetry + uniform pairs: the BT likelihood is invariant under the cyclic shift and
+    strictly concave up to constants, so the MLE has equal rewards; the soft-optimal policy of a
+    constant reward is pi_ref, which is exploitable while the Nash (uniform) is not."""
+    from toyrlhf.tree import TokenTree
+
+    tree = TokenTree(V=5, H=1)
+    A = cyclic_preference(5, 0.8)
+    uniform = np.full(5, -np.log(5))
+    fit = nash.bradley_terry_fit(tree, A, uniform)
+    # trust-ncg stops at gradient norm 1e-10.  At equal rewards the BT Hessian is
+    # sum_{i != j} w_ij sigma'(0) (e_i - e_j)(e_i - e_j)^T with w_ij = A_ij / 10 (mu uniform,
+    # weights normalised over the 20 ordered pairs) = (1/40) x Laplacian of K_5, whose non-zero
+    # eigenvalues are 5: curvature 1/8 off the constants, so the reward error is <= 8e-10.
+    assert np.ptp(fit.reward) < 2e-9
+    rng = np.random.default_rng(11)
+    lref = random_log_p(rng, 5)[None]
+    beta = 0.1
+    lp = nash.rlhf_policy(tree, A, lref, beta=beta, leaf_logp_pair=uniform)
+    assert np.max(np.abs(lp - lref)) < 2 * 2e-9 / beta  # log p = log ref + r/beta - log Z
+    assert exploitability(A, lp[0]) > 0.05
+    assert minimax_winner(A).exploitability < 10 * LP_TOL
+
+
+def test_win_rates_is_spo_reward():
+    rng = np.random.default_rng(12)
+    A = mixture_preference(rng.standard_normal((2, 4)))
+    lp = random_log_p(rng, 4)
+    w = win_rates(A, lp)
+    # direct: P(xi_i > pi) = sum_j pi_j A_ij
+    assert np.allclose(
+        w, [sum(np.exp(lp[j]) * A[i, j] for j in range(4)) for i in range(4)], atol=1e-15
+    )
+    assert abs(np.exp(lp) @ w - 0.5) < 1e-15  # pi^T A pi = 1/2
+
+
+# ----------------------------------------------------------------------------- experiment
+def test_nash_cyclic_experiment_claims():
+    """Quick config: RLHF on the BT fit is exploitable, the LP Nash is not, the regularised Nash
+    is within tau max log(1/pi_ref) of unexploitable, Nash-MD obeys Theorem 1, SPO's average
+    iterate obeys the Hedge bound while its last iterate does not converge."""
+    from toyrlhf.experiments import nash_cyclic as exp
+
+    cfg = exp.Config.quick()
+    r = exp.run(cfg)
+    check_preference(r.preference)
+    assert np.allclose(r.probs.sum(axis=1), 1, atol=1e-12)
+    e_ref, e_rlhf, e_nash, e_reg = r.exploitability
+    assert e_nash < 10 * LP_TOL
+    assert e_rlhf > e_ref > e_reg > e_nash
+    assert e_reg <= cfg.tau * np.max(-np.log(r.probs[0]))
+    assert e_rlhf > 0.1  # RLHF picks one arm of the cycle: beaten by the next one
+    assert np.all(r.md_kl <= r.md_bound + 1e-12)
+    assert r.md_kl[0, -1] < r.md_kl[0, 0] / 10  # eta = 1 converges (linear rate, small bias)
+    assert np.all(r.spo_average <= r.spo_bound + 1e-12)
+    assert r.spo_last[-50:].min() > r.spo_average[-1]

@@ -1,0 +1,834 @@
+"""Beyond Bradley–Terry: general preferences and their Nash solutions, computed exactly.
+
+A *general preference model* over the ``N`` completions of a prompt is a matrix
+
+.. math:: A_{ij} = \\mathcal P(\\xi_i \\succ \\xi_j), \\qquad A + A^\\top = 1,\\ A_{ii} = 1/2,
+
+of shape ``(N, N)`` (or ``(P, N, N)``, one per prompt).  It extends bilinearly to policies,
+``P(pi > pi') = pi^T A pi'``.  Bradley–Terry is the special case ``A_ij = sigmoid(r_i - r_j)``;
+cyclic (rock–paper–scissors) preferences and mixtures of annotators with different rewards are
+not, and for them "maximise the reward" has no meaning.  The slides' answer (seeds 002, "Nash
+equilibrium as a solution concept") is the minimax winner
+
+.. math:: \\pi^* = \\arg\\max_\\pi \\min_{\\pi'} \\mathcal P(\\pi \\succ \\pi'),
+
+the Nash equilibrium of the symmetric constant-sum game with payoff ``A`` (value 1/2).
+
+What this module computes
+-------------------------
+* constructors :func:`bt_preference`, :func:`cyclic_preference`, :func:`mixture_preference`,
+  :func:`linear_preference` and the validator :func:`check_preference`;
+* :func:`win_rates` ``P(xi > pi)``, :func:`preference_value` ``P(pi > pi')`` and
+  :func:`exploitability` (the duality gap ``max_pi' P(pi' > pi) - 1/2``), exact;
+* :func:`minimax_winner`: the unregularised Nash policy by linear programming (HiGHS);
+* :func:`regularized_nash`: the KL-regularised Nash equilibrium of Munos et al. (2023),
+  arXiv:2312.00886, to machine precision (mirror-prox then Newton on the fixed-point equation),
+  with the certificate :func:`regularized_exploitability`;
+* :func:`nash_md`: the paper's Nash-MD iteration (Sec. 6, eq. for ``pi_{t+1}``, Theorem 1);
+* :func:`self_play`: self-play preference optimisation (SPO, Swamy et al. 2024,
+  arXiv:2401.04056): multiplicative weights on the win rate against one's own samples;
+* :func:`bradley_terry_fit` / :func:`rlhf_policy`: what the reward view does with a general
+  preference (BT maximum likelihood, then the soft-optimal policy of the fitted reward).
+
+Policies are leaf log-probabilities ``(N,)`` or ``(P, N)`` (``-inf`` legal), as in the rest of
+toyrlhf.  Python loops run over iterations and prompts only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize
+from scipy.special import expit, logsumexp
+
+__all__ = [
+    "NashSolverError",
+    "check_preference",
+    "bt_preference",
+    "cyclic_preference",
+    "mixture_preference",
+    "linear_preference",
+    "win_rates",
+    "preference_value",
+    "exploitability",
+    "kl_divergence",
+    "NashSolution",
+    "minimax_winner",
+    "regularized_best_response",
+    "regularized_exploitability",
+    "RegularizedNash",
+    "regularized_nash",
+    "nash_md",
+    "nash_md_bound",
+    "SelfPlay",
+    "self_play",
+    "hedge_regret_bound",
+    "bradley_terry_fit",
+    "rlhf_policy",
+]
+
+
+class NashSolverError(RuntimeError):
+    """The linear program (or fixed-point solver) for a Nash equilibrium failed; carries the message."""
+
+
+# ============================================================================ validation
+def check_preference(pref, name: str = "pref", atol: float = 1e-9) -> np.ndarray:
+    """Validate a general preference matrix and return it as a float array.
+
+    Requirements: shape ``(N, N)`` or ``(P, N, N)`` with ``N >= 1``; no NaN; values in
+    ``[0, 1]``; complementary, ``|A + A^T - 1| <= atol`` (which forces the diagonal to 1/2).
+
+    Raises
+    ------
+    ValueError
+        naming ``name``, the offending value and what is allowed.
+    """
+    a = np.asarray(pref, dtype=float)
+    if a.ndim not in (2, 3) or a.shape[-1] != a.shape[-2] or a.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape (N, N) or (P, N, N) with N >= 1, got {a.shape}")
+    if np.isnan(a).any():
+        raise ValueError(
+            f"{name} contains NaN; it must hold probabilities P(xi_i > xi_j) in [0, 1]"
+        )
+    if a.min() < 0 or a.max() > 1:
+        raise ValueError(
+            f"{name} must hold probabilities in [0, 1], got values in [{a.min():.6g}, {a.max():.6g}]"
+        )
+    dev = np.abs(a + np.swapaxes(a, -1, -2) - 1.0)
+    if dev.max() > atol:
+        idx = np.unravel_index(np.argmax(dev), dev.shape)
+        raise ValueError(
+            f"{name} must be complementary, {name}[i, j] + {name}[j, i] = 1 (diagonal 1/2); "
+            f"at index {tuple(int(i) for i in idx)} the sum is off by {dev.max():.3g} (atol={atol})"
+        )
+    return a
+
+
+def _as_batch(pref, log_p=None, pref_name="pref", p_name="log_p"):
+    """Promote ``(N, N)``/``(N,)`` to a batch of one prompt; return (A, lp, squeeze)."""
+    A = check_preference(pref, pref_name)
+    squeeze = A.ndim == 2
+    if squeeze:
+        A = A[None]
+    if log_p is None:
+        return A, None, squeeze
+    lp = _check_log_p(log_p, p_name, A.shape[0], A.shape[-1], squeeze)
+    return A, lp, squeeze
+
+
+def _check_log_p(log_p, name, P, N, squeeze):
+    lp = np.asarray(log_p, dtype=float)
+    if squeeze and lp.shape == (N,):
+        lp = lp[None]
+    elif lp.shape == (N,):
+        lp = np.broadcast_to(lp, (P, N))
+    if lp.shape != (P, N):
+        want = f"({N},)" if squeeze else f"({P}, {N}) or ({N},)"
+        raise ValueError(
+            f"{name} must have shape {want} to match the preference matrix, got {np.shape(log_p)}"
+        )
+    if np.isnan(lp).any() or np.any(lp == np.inf):
+        raise ValueError(f"{name} must be log-probabilities (no NaN or +inf)")
+    with np.errstate(under="ignore"):
+        tot = (
+            np.exp(logsumexp(lp, axis=-1))
+            if np.all(np.any(np.isfinite(lp), axis=-1))
+            else np.zeros(P)
+        )
+    if np.any(np.abs(tot - 1.0) > 1e-8):
+        raise ValueError(
+            f"{name} must be normalised log-probabilities (sum of exp = 1 per prompt), got sums {tot}"
+        )
+    return lp
+
+
+def _probs(lp):
+    with np.errstate(under="ignore"):
+        return np.exp(lp)
+
+
+def _log(p):
+    with np.errstate(divide="ignore"):
+        return np.log(p)
+
+
+def _normalise(z):
+    """Log-softmax over the last axis; ``-inf`` stays ``-inf`` (rows need one finite entry)."""
+    return z - logsumexp(z, axis=-1, keepdims=True)
+
+
+def _geometric_mixture(lp, lq, w):
+    """``log`` of ``p^(1-w) q^w / Z`` on the last axis, with ``0 * (-inf) = 0``."""
+    with np.errstate(invalid="ignore"):
+        z = np.where(w == 0, lp, np.where(w == 1, lq, (1 - w) * lp + w * lq))
+    return _normalise(z)
+
+
+# ============================================================================ constructors
+def bt_preference(reward) -> np.ndarray:
+    """Bradley–Terry preference ``A_ij = sigmoid(r_i - r_j)`` (Bradley & Terry 1952).
+
+    Parameters
+    ----------
+    reward : (N,) or (P, N), finite
+
+    Returns
+    -------
+    (N, N) or (P, N, N)
+
+    Examples
+    --------
+    >>> bt_preference([0.0, np.log(3.0)])[0, 1].round(3)
+    np.float64(0.25)
+    """
+    r = np.asarray(reward, dtype=float)
+    if r.ndim not in (1, 2) or r.shape[-1] == 0:
+        raise ValueError(f"reward must have shape (N,) or (P, N), got {r.shape}")
+    if not np.all(np.isfinite(r)):
+        raise ValueError("reward must be finite")
+    return expit(r[..., :, None] - r[..., None, :])
+
+
+def cyclic_preference(n: int, strength: float = 1.0) -> np.ndarray:
+    """A balanced cyclic ("rock–paper–scissors") preference on ``n`` completions.
+
+    .. math::
+        A_{ij} = \\tfrac{1+s}{2} \\text{ if } (j-i) \\bmod n \\in \\{1,\\dots,\\lfloor (n-1)/2 \\rfloor\\},\\quad
+        \\tfrac{1-s}{2} \\text{ if } (i-j) \\bmod n \\in \\{1,\\dots,\\lfloor (n-1)/2 \\rfloor\\},\\quad
+        \\tfrac12 \\text{ otherwise}
+
+    Every completion beats the next ``floor((n-1)/2)`` ones around the circle.  Each row
+    averages 1/2, so the uniform policy is a Nash equilibrium (the unique one for odd ``n`` and
+    ``s > 0``), and cyclic symmetry means no reward ranks the completions (``n = 3``, ``s = 1``
+    is rock–paper–scissors with deterministic outcomes).
+
+    Examples
+    --------
+    >>> cyclic_preference(3)
+    array([[0.5, 1. , 0. ],
+           [0. , 0.5, 1. ],
+           [1. , 0. , 0.5]])
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not (isinstance(strength, (int, float, np.floating)) and 0 <= strength <= 1):
+        raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+    d = (np.arange(n)[None, :] - np.arange(n)[:, None]) % n
+    k = (n - 1) // 2
+    A = np.full((n, n), 0.5)
+    A[(d >= 1) & (d <= k)] = 0.5 * (1 + strength)
+    A[(d >= n - k) & (d <= n - 1) & (d > 0)] = 0.5 * (1 - strength)
+    return A
+
+
+def mixture_preference(rewards, weights=None) -> np.ndarray:
+    """A population of Bradley–Terry annotators: ``A = sum_k w_k sigmoid(r_k,i - r_k,j)``.
+
+    A weighted average of BT matrices is a valid general preference but in general not BT for
+    any single reward (e.g. three annotators with cyclically shifted rankings produce a
+    Condorcet cycle).
+
+    Parameters
+    ----------
+    rewards : (K, N) or (K, P, N)
+    weights : (K,), non-negative, summing to 1 (default uniform)
+    """
+    R = np.asarray(rewards, dtype=float)
+    if R.ndim not in (2, 3) or R.shape[0] == 0:
+        raise ValueError(f"rewards must have shape (K, N) or (K, P, N), got {R.shape}")
+    K = R.shape[0]
+    w = np.full(K, 1.0 / K) if weights is None else np.asarray(weights, dtype=float)
+    if w.shape != (K,) or not np.all(np.isfinite(w)) or np.any(w < 0) or abs(w.sum() - 1) > 1e-9:
+        raise ValueError(f"weights must be {K} non-negative numbers summing to 1, got {weights!r}")
+    return np.tensordot(w, bt_preference(R), axes=1)
+
+
+def linear_preference(reward) -> np.ndarray:
+    """``A_ij = 1/2 + (r_i - r_j)/2`` for rewards with ``max r - min r <= 1``.
+
+    The preference is linear in the reward, so ``P(xi > pi) = 1/2 + (r(xi) - E_pi r)/2`` and
+    the KL-regularised Nash equilibrium is exactly the soft-optimal policy
+    ``pi_ref exp(r / (2 tau)) / Z`` (a closed form used in the tests).
+    """
+    r = np.asarray(reward, dtype=float)
+    if r.ndim not in (1, 2) or not np.all(np.isfinite(r)):
+        raise ValueError(f"reward must be a finite (N,) or (P, N) array, got shape {r.shape}")
+    if np.any(r.max(axis=-1) - r.min(axis=-1) > 1):
+        raise ValueError("reward must have range <= 1 per prompt so that preferences lie in [0, 1]")
+    return 0.5 + 0.5 * (r[..., :, None] - r[..., None, :])
+
+
+# ============================================================================ evaluation
+def win_rates(pref, log_p) -> np.ndarray:
+    """``P(xi_i > pi) = sum_j A_ij pi_j``: each completion's win rate against the policy.
+
+    This is SPO's reward (Swamy et al. 2024, arXiv:2401.04056).  Shapes ``(N,)`` or
+    ``(P, N)`` like ``log_p``.
+    """
+    A, lp, sq = _as_batch(pref, log_p)
+    out = np.einsum("pij,pj->pi", A, _probs(lp))
+    return out[0] if sq else out
+
+
+def preference_value(pref, log_p, log_q) -> np.ndarray:
+    """``P(pi > pi') = pi^T A pi'`` (scalar, or ``(P,)`` per prompt)."""
+    A, lp, sq = _as_batch(pref, log_p)
+    lq = _check_log_p(log_q, "log_q", A.shape[0], A.shape[-1], sq)
+    out = np.einsum("pi,pij,pj->p", _probs(lp), A, _probs(lq))
+    return float(out[0]) if sq else out
+
+
+def exploitability(pref, log_p) -> np.ndarray:
+    """Exact duality gap of a policy in the preference game.
+
+    .. math::
+        e(\\pi) = \\tfrac12 - \\min_{\\pi'} \\mathcal P(\\pi \\succ \\pi')
+                = \\max_{\\pi'} \\mathcal P(\\pi' \\succ \\pi) - \\tfrac12
+                = \\max_i (A\\pi)_i - \\tfrac12 \\;\\ge 0,
+
+    zero iff ``pi`` is a minimax winner (the game is symmetric with value 1/2; the inner
+    optimum is attained at a single completion).  Opponents range over all ``N`` completions.
+
+    Returns a float (``(N, N)`` input) or ``(P,)``.
+    """
+    w = win_rates(pref, log_p)
+    out = w.max(axis=-1) - 0.5
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def kl_divergence(log_p, log_q) -> np.ndarray:
+    """``KL(p || q) = sum p (log p - log q)`` over the last axis; ``0 log 0 = 0``, ``+inf`` off support."""
+    lp = np.asarray(log_p, dtype=float)
+    lq = np.asarray(log_q, dtype=float)
+    lp, lq = np.broadcast_arrays(lp, lq)
+    p = _probs(lp)
+    pos = p > 0
+    term = np.zeros(lp.shape)
+    with np.errstate(invalid="ignore", over="ignore"):
+        term[pos] = p[pos] * (lp[pos] - lq[pos])
+    return term.sum(axis=-1)
+
+
+# ============================================================================ LP Nash
+@dataclass(frozen=True, eq=False)
+class NashSolution:
+    """An unregularised Nash (minimax-winner) policy.
+
+    Attributes
+    ----------
+    log_p : (N,) or (P, N) log-probabilities (``-inf`` off the equilibrium's support)
+    value : float or (P,), the LP's game value ``min_pi' P(pi > pi')`` (1/2 in exact arithmetic)
+    exploitability : float or (P,), exact :func:`exploitability` of the returned policy
+    """
+
+    log_p: np.ndarray
+    value: np.ndarray
+    exploitability: np.ndarray
+
+    @property
+    def probs(self) -> np.ndarray:
+        return _probs(self.log_p)
+
+
+def _lp_nash(A: np.ndarray, tol: float) -> tuple[np.ndarray, float]:
+    N = A.shape[0]
+    # variables x = (pi_1..pi_N, v); maximise v  s.t.  (A^T pi)_j >= v,  sum pi = 1,  pi >= 0
+    c = np.zeros(N + 1)
+    c[-1] = -1.0
+    A_ub = np.hstack([-A.T, np.ones((N, 1))])
+    A_eq = np.ones((1, N + 1))
+    A_eq[0, -1] = 0.0
+    res = optimize.linprog(
+        c,
+        A_ub=A_ub,
+        b_ub=np.zeros(N),
+        A_eq=A_eq,
+        b_eq=[1.0],
+        bounds=[(0, None)] * N + [(None, None)],
+        method="highs",
+        options={"primal_feasibility_tolerance": tol, "dual_feasibility_tolerance": tol},
+    )
+    if res.status != 0 or res.x is None:
+        raise NashSolverError(
+            f"linprog (HiGHS) failed to find the minimax winner: {res.message} (status {res.status})"
+        )
+    pi = np.clip(res.x[:N], 0.0, None)
+    pi /= pi.sum()
+    return pi, float(res.x[-1])
+
+
+def minimax_winner(pref, tol: float = 1e-10) -> NashSolution:
+    """The (unregularised) Nash / minimax-winner policy by linear programming.
+
+    .. math::
+        \\pi^* = \\arg\\max_{\\pi\\in\\Delta_N} \\min_j (\\pi^\\top A)_j
+        \\quad\\Longleftrightarrow\\quad
+        \\max_{\\pi, v} v \\ \\text{s.t.}\\ A^\\top\\pi \\ge v\\mathbf 1,\\ \\mathbf 1^\\top\\pi = 1,\\ \\pi\\ge 0
+
+    (von Neumann's minimax theorem; the solution concept of Munos et al. 2023, arXiv:2312.00886,
+    eq. 1 with ``tau = 0``, and of the slides).  Solved with ``scipy.optimize.linprog``
+    (HiGHS, feasibility tolerances ``tol``); one LP per prompt.  The equilibrium need not be
+    unique (e.g. ties at the top of a Bradley–Terry reward); HiGHS returns one vertex.
+
+    Raises
+    ------
+    NashSolverError
+        with the solver's message if ``linprog`` does not report success (no policy is returned).
+
+    Examples
+    --------
+    >>> sol = minimax_winner(cyclic_preference(3))
+    >>> sol.probs.round(6).tolist(), round(sol.value, 6)
+    ([0.333333, 0.333333, 0.333333], 0.5)
+    """
+    A, _, sq = _as_batch(pref)
+    pis, vals = zip(*(_lp_nash(a, tol) for a in A))  # loop over prompts only
+    log_p = _log(np.stack(pis))
+    vals = np.array(vals)
+    expl = np.einsum("pij,pj->pi", A, _probs(log_p)).max(axis=-1) - 0.5
+    if sq:
+        return NashSolution(log_p[0], float(vals[0]), float(expl[0]))
+    return NashSolution(log_p, vals, expl)
+
+
+# ============================================================================ regularised Nash
+def _check_tau(tau) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating, np.integer)):
+        raise TypeError(f"tau must be a positive number, got {tau!r}")
+    if not np.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a positive finite number (the KL coefficient), got {tau}")
+    return float(tau)
+
+
+def regularized_best_response(pref, log_p, log_p_ref, tau: float) -> np.ndarray:
+    """``BR_tau(pi) = argmax_q P(q > pi) - tau KL(q || pi_ref) = pi_ref exp((A pi)/tau) / Z``.
+
+    The Gibbs policy of the win rate against ``pi`` (log-probabilities, same shape as ``log_p``).
+    """
+    tau = _check_tau(tau)
+    A, lp, sq = _as_batch(pref, log_p)
+    lmu = _check_log_p(log_p_ref, "log_p_ref", A.shape[0], A.shape[-1], sq)
+    out = _normalise(lmu + np.einsum("pij,pj->pi", A, _probs(lp)) / tau)
+    return out[0] if sq else out
+
+
+def regularized_exploitability(pref, log_p, log_p_ref, tau: float) -> np.ndarray:
+    """Exact duality gap of the KL-regularised preference game at a symmetric profile.
+
+    With ``f(pi, pi') = P(pi > pi') - tau KL(pi||pi_ref) + tau KL(pi'||pi_ref)`` (Munos et al.
+    2023, arXiv:2312.00886, Sec. 5), the game is symmetric and constant-sum, so the gap is
+    ``2 (max_q f(q, pi) - 1/2)`` and
+
+    .. math::
+        \\tfrac12\\,\\mathrm{gap}(\\pi) = \\max_q f(q,\\pi) - \\tfrac12
+        = \\tau\\log\\sum_i \\pi_{ref,i} e^{(A\\pi)_i/\\tau} + \\tau\\,\\mathrm{KL}(\\pi\\|\\pi_{ref}) - \\tfrac12
+        = \\tau\\,\\mathrm{KL}(\\pi \\,\\|\\, BR_\\tau(\\pi)) \\ \\ge 0,
+
+    zero iff ``pi`` is the regularised Nash equilibrium.  Returned is the right-hand side
+    ``tau KL(pi || BR_tau(pi))`` (``+inf`` if ``pi`` leaves ``pi_ref``'s support).
+    """
+    tau = _check_tau(tau)
+    br = regularized_best_response(pref, log_p, log_p_ref, tau)
+    lp = np.asarray(log_p, dtype=float)
+    lp = np.broadcast_to(lp, br.shape)
+    out = tau * kl_divergence(lp, br)
+    return float(out) if np.ndim(out) == 0 else out
+
+
+@dataclass(frozen=True, eq=False)
+class RegularizedNash:
+    """The KL-regularised Nash equilibrium.
+
+    Attributes
+    ----------
+    log_p : (N,) or (P, N), ``-inf`` exactly where ``pi_ref`` is zero
+    residual : float or (P,), span of ``tau (log pi - log pi_ref) - A pi`` on the support
+        (the first-order condition; 0 at the equilibrium)
+    gap : float or (P,), :func:`regularized_exploitability` of the result
+    n_iter : int, mirror-prox iterations + Newton steps
+    """
+
+    log_p: np.ndarray
+    residual: np.ndarray
+    gap: np.ndarray
+    n_iter: int
+
+    @property
+    def probs(self) -> np.ndarray:
+        return _probs(self.log_p)
+
+
+def _fp_residual(A, lp, lmu, tau):
+    """Span over the support of ``tau (log pi - log mu) - A pi`` per prompt (preference units)."""
+    sup = np.isfinite(lmu)
+    with np.errstate(invalid="ignore"):
+        g = tau * (lp - lmu) - np.einsum("pij,pj->pi", A, _probs(lp))
+    hi = np.where(sup, g, -np.inf).max(axis=-1)
+    lo = np.where(sup, g, np.inf).min(axis=-1)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(hi - lo), hi - lo, np.inf)
+
+
+def _newton(A, z, lmu, tau, tol, max_steps=60):
+    """Newton on ``G(z) = tau (z - log mu) - A softmax(z) in span(1)`` for one prompt (full support).
+
+    Bordered system ``[J, -1; 1^T, 0] [d; c] = [-G; 0]`` with
+    ``J = tau I - A (diag p - p p^T)``, backtracking on the span of ``G``.
+    Returns ``(z, span, steps)``.
+    """
+    n = z.size
+    K = np.zeros((n + 1, n + 1))
+    K[n, :n] = 1.0
+    K[:n, n] = -1.0
+
+    def G(z):
+        p = np.exp(z - logsumexp(z))
+        g = tau * (z - lmu) - A @ p
+        return g, p, g.max() - g.min()
+
+    g, p, sp = G(z)
+    steps = 0
+    while sp > tol and steps < max_steps:
+        K[:n, :n] = tau * np.eye(n) - A @ (np.diag(p) - np.outer(p, p))
+        try:
+            d = np.linalg.solve(K, np.concatenate([g.mean() - g, [0.0]]))[:n]
+        except np.linalg.LinAlgError:
+            break
+        t = 1.0
+        while t > 1e-6:
+            g1, p1, sp1 = G(z + t * d)
+            if sp1 < sp:
+                break
+            t *= 0.5
+        else:
+            break
+        z, g, p, sp = z + t * d, g1, p1, sp1
+        steps += 1
+    return z - logsumexp(z), sp, steps
+
+
+def _mirror_prox(A, z, lmu, tau, target, max_iter):
+    """Composite mirror-prox (KL geometry, step 1) for one prompt; returns ``(z, span, iters)``."""
+    it = 0
+    tmu = tau * lmu
+
+    def span(z):
+        g = tau * (z - lmu) - A @ np.exp(z)
+        return g.max() - g.min()
+
+    sp = span(z)
+    while sp > target and it < max_iter:
+        for _ in range(25):
+            y = _normalise((z + tmu + A @ np.exp(z)) / (1 + tau))
+            z = _normalise((z + tmu + A @ np.exp(y)) / (1 + tau))
+        it += 25
+        sp = span(z)
+    return z, sp, it
+
+
+def _solve_regularized(A, lmu, tau, tol, max_iter):
+    """Regularised Nash for one prompt on the support of ``mu``: continuation in ``tau`` + Newton."""
+    n = lmu.size
+    if n == 1:
+        return np.zeros(1), 0.0, 0
+    taus = [tau]
+    while taus[-1] < 1.0:  # continuation path 1, 1/2, 1/4, ..., tau
+        taus.append(2 * taus[-1])
+    taus = taus[::-1]
+    z = lmu - logsumexp(lmu)
+    total = 0
+    for k, t in enumerate(taus):
+        last = k == len(taus) - 1
+        target = tol if last else 1e-6
+        z1, sp, steps = _newton(A, z, lmu, t, target)
+        total += steps
+        if sp > target:  # globalise with mirror-prox from the warm start, then Newton again
+            z, _, it = _mirror_prox(A, z, lmu, t, 1e-3, max_iter)
+            total += it
+            z1, sp, steps = _newton(A, z, lmu, t, target)
+            total += steps
+            if sp > target:
+                z1, sp, it = _mirror_prox(A, z1, lmu, t, target, max_iter)
+                total += it
+        z = z1
+    return z, sp, total
+
+
+def regularized_nash(
+    pref,
+    log_p_ref,
+    tau: float,
+    tol: float = 1e-12,
+    max_iter: int = 200_000,
+) -> RegularizedNash:
+    """The KL-regularised Nash equilibrium of a preference game, to machine precision.
+
+    .. math::
+        \\pi^*_\\tau = \\arg\\max_\\pi \\min_{\\pi'}\\ \\mathcal P(\\pi\\succ\\pi')
+        - \\tau\\,\\mathrm{KL}(\\pi\\|\\pi_{ref}) + \\tau\\,\\mathrm{KL}(\\pi'\\|\\pi_{ref})
+
+    (Munos et al. 2023, "Nash Learning from Human Feedback", arXiv:2312.00886, Sec. 5; unique
+    by their Proposition 1: the game is strongly concave-convex).  The game is symmetric, so
+    ``pi*`` is a best response to itself: the first-order (fixed-point) condition
+
+    .. math:: \\pi^*_\\tau(\\xi) \\propto \\pi_{ref}(\\xi)\\,\\exp\\big((A\\pi^*_\\tau)(\\xi)/\\tau\\big)
+
+    is necessary and sufficient.  It is solved per prompt on ``pi_ref``'s support by Newton's
+    method in logit space on ``G(z) = tau (z - log pi_ref) - A softmax(z) in span(1)``, with a
+    backtracking line search, warm-started along the continuation path
+    ``tau_k = 1, 1/2, 1/4, ..., tau``; if Newton stalls, composite mirror-prox (KL geometry,
+    step 1, linear rate about ``1/(1 + tau)``) globalises it.  Completions with
+    ``pi_ref = 0`` get probability 0 (``-inf``), the only finite-KL choice.
+
+    Parameters
+    ----------
+    pref : (N, N) or (P, N, N)
+    log_p_ref : (N,) or (P, N), ``-inf`` allowed
+    tau : float > 0
+    tol : float
+        Target span, over the support, of ``tau (log pi - log pi_ref) - A pi`` (preference
+        units; the residual of the first-order condition).
+
+    Raises
+    ------
+    NashSolverError
+        if the residual does not reach ``tol`` (never returns an unconverged policy).
+
+    Examples
+    --------
+    >>> sol = regularized_nash(cyclic_preference(3), np.log([0.6, 0.3, 0.1]), tau=0.1)
+    >>> bool(sol.residual < 1e-12)
+    True
+    """
+    tau = _check_tau(tau)
+    A, lmu, sq = _as_batch(pref, log_p_ref, p_name="log_p_ref")
+    x = np.full(lmu.shape, -np.inf)
+    res = np.empty(A.shape[0])
+    it = 0
+    for p in range(A.shape[0]):  # loop over prompts only
+        s = np.flatnonzero(np.isfinite(lmu[p]))
+        z, res[p], k = _solve_regularized(A[p][np.ix_(s, s)], lmu[p, s], tau, tol, max_iter)
+        x[p, s] = z
+        it += k
+    res = _fp_residual(A, x, lmu, tau)
+    if np.any(res > tol):
+        raise NashSolverError(
+            f"regularized_nash did not reach residual tol={tol:g} (residual {res.max():.3g} after {it} "
+            "iterations); raise max_iter or tol"
+        )
+    gap = tau * kl_divergence(x, _normalise(lmu + np.einsum("pij,pj->pi", A, _probs(x)) / tau))
+    if sq:
+        return RegularizedNash(x[0], float(res[0]), float(gap[0]), it)
+    return RegularizedNash(x, res, gap, it)
+
+
+# ============================================================================ Nash-MD
+def nash_md(pref, log_p_ref, tau: float, eta: float, n_steps: int, log_p_init=None) -> np.ndarray:
+    """Nash Mirror Descent (Munos et al. 2023, arXiv:2312.00886, Sec. 6), exact on the leaves.
+
+    .. math::
+        \\pi_t^\\mu(\\xi) \\propto \\pi_t(\\xi)^{1-\\eta\\tau}\\,\\pi_{ref}(\\xi)^{\\eta\\tau},
+        \\qquad
+        \\pi_{t+1}(\\xi) \\propto \\pi_t^\\mu(\\xi)\\,\\exp\\big(\\eta\\,\\mathcal P(\\xi \\succ \\pi_t^\\mu)\\big),
+
+    i.e. ``pi_{t+1} = argmax_pi eta P(pi > pi_t^mu) - KL(pi || pi_t^mu)``: a mirror-descent step
+    from the geometric mixture ``pi_t^mu`` against the mixture itself.  Theorem 1 of the paper
+    (section and theorem numbers as recalled from the arXiv version; the paper text was not
+    available when this was written, and the tests check the bound numerically) states
+    ``KL(pi*_tau, pi_{t+1}) <= (1 - eta tau)^t KL(pi*_tau, pi_0) + 2 eta / tau`` for
+    ``eta tau <= 1`` (see :func:`nash_md_bound`).  With constant ``eta`` the iterates converge
+    linearly to a biased point, not to ``pi*_tau``: its fixed point satisfies
+    ``pi ∝ pi_ref exp(A pi^mu / tau)`` instead of ``pi ∝ pi_ref exp(A pi / tau)``; the
+    schedule ``eta = log T / (tau T)`` gives ``O(log T / (tau^2 T))``.
+
+    Support: ``pi_t`` is zero wherever ``pi_0`` or ``pi_ref`` is (geometric mixtures keep
+    zeros), so start from ``pi_0 = pi_ref`` (the default) to reach ``pi*_tau``.
+
+    Parameters
+    ----------
+    pref : (N, N) or (P, N, N)
+    log_p_ref : (N,) or (P, N)
+    tau, eta : positive floats with ``eta * tau <= 1``
+    n_steps : int >= 0
+    log_p_init : like ``log_p_ref``, default ``log_p_ref``
+
+    Returns
+    -------
+    (n_steps + 1, N) or (n_steps + 1, P, N): the iterates ``log pi_0 .. log pi_T``.
+    """
+    tau = _check_tau(tau)
+    if (
+        isinstance(eta, bool)
+        or not isinstance(eta, (int, float, np.floating))
+        or not (eta > 0 and eta * tau <= 1)
+    ):
+        raise ValueError(f"eta must be positive with eta * tau <= 1 (tau={tau}), got {eta!r}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 0:
+        raise ValueError(f"n_steps must be a non-negative integer, got {n_steps!r}")
+    A, lmu, sq = _as_batch(pref, log_p_ref, p_name="log_p_ref")
+    x = (
+        lmu
+        if log_p_init is None
+        else _check_log_p(log_p_init, "log_p_init", A.shape[0], A.shape[-1], sq)
+    )
+    if np.any(~np.any(np.isfinite(x) & np.isfinite(lmu), axis=-1)):
+        raise ValueError(
+            "log_p_init and log_p_ref have disjoint supports for some prompt; Nash-MD is undefined"
+        )
+    out = np.empty((n_steps + 1,) + x.shape)
+    out[0] = x
+    w = eta * tau
+    for t in range(n_steps):
+        mix = _geometric_mixture(x, lmu, w)
+        x = _normalise(mix + eta * np.einsum("pij,pj->pi", A, _probs(mix)))
+        out[t + 1] = x
+    return out[:, 0] if sq else out
+
+
+def nash_md_bound(kl0, tau: float, eta: float, n_steps: int) -> np.ndarray:
+    """Theorem 1 of Munos et al. (2023), arXiv:2312.00886, as a curve over ``t = 0..n_steps``.
+
+    .. math:: \\mathrm{KL}(\\pi^*_\\tau, \\pi_{t}) \\le (1-\\eta\\tau)^{t-1}\\,\\mathrm{KL}(\\pi^*_\\tau, \\pi_0) + 2\\eta/\\tau
+        \\quad (t \\ge 1),
+
+    the theorem's ``KL(pi*, pi_{t+1}) <= (1 - eta tau)^t KL(pi*, pi_0) + 2 eta / tau``
+    re-indexed; entry 0 is ``kl0`` itself.
+    """
+    t = np.arange(n_steps + 1)
+    kl0 = np.asarray(kl0, dtype=float)
+    b = (1 - eta * tau) ** np.maximum(t - 1, 0)[(...,) + (None,) * kl0.ndim] * kl0 + 2 * eta / tau
+    b[0] = kl0
+    return b
+
+
+# ============================================================================ SPO
+@dataclass(frozen=True, eq=False)
+class SelfPlay:
+    """Iterates of self-play preference optimisation.
+
+    Attributes
+    ----------
+    log_p : (T + 1, ...) iterates ``pi_0 .. pi_T``
+    average_log_p : (T, ...) running averages ``bar pi_t = (1/t) sum_{s<t} pi_s`` for ``t = 1..T``
+    """
+
+    log_p: np.ndarray
+    average_log_p: np.ndarray
+
+
+def self_play(pref, n_steps: int, eta: float, log_p_init=None) -> SelfPlay:
+    """Self-play preference optimisation (SPO; Swamy et al. 2024, arXiv:2401.04056).
+
+    The reward of a completion is its win rate against the policy's own samples,
+    ``r_t(xi) = P(xi > pi_t) = (A pi_t)(xi)``, fed to a no-regret learner; here Hedge
+    (multiplicative weights, = soft policy iteration on a one-step tree):
+
+    .. math:: \\pi_{t+1}(\\xi) \\propto \\pi_t(\\xi) \\exp(\\eta\\, r_t(\\xi)).
+
+    Because ``pi_t^T A pi_t = 1/2``, the exploitability of the average iterate equals the
+    average regret exactly: ``e(bar pi_T) = Reg_T / T`` (the SPO reduction),
+    and Hedge's regret bound (rewards in [0, 1]; Cesa-Bianchi & Lugosi 2006, Thm 2.2 /
+    Freund & Schapire 1997) gives ``e(bar pi_T) <= max_i log(1/pi_0(i)) / (eta T) + eta / 8``
+    (see :func:`hedge_regret_bound`), i.e. ``sqrt(log N / (2T))`` for uniform ``pi_0`` and
+    ``eta = sqrt(8 log N / T)``.  The last iterate need not converge (it cycles on
+    rock–paper–scissors).  Completions with ``pi_0 = 0`` stay at 0.
+
+    Parameters
+    ----------
+    pref : (N, N) or (P, N, N)
+    n_steps : T >= 1
+    eta : step size > 0
+    log_p_init : default uniform
+    """
+    A, _, sq = _as_batch(pref)
+    P, N = A.shape[0], A.shape[-1]
+    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+    if (
+        isinstance(eta, bool)
+        or not isinstance(eta, (int, float, np.floating))
+        or not (np.isfinite(eta) and eta > 0)
+    ):
+        raise ValueError(f"eta must be a positive number, got {eta!r}")
+    x = (
+        np.full((P, N), -np.log(N))
+        if log_p_init is None
+        else _check_log_p(log_p_init, "log_p_init", P, N, sq)
+    )
+    it = np.empty((n_steps + 1, P, N))
+    it[0] = x
+    for t in range(n_steps):
+        x = _normalise(x + eta * np.einsum("pij,pj->pi", A, _probs(x)))
+        it[t + 1] = x
+    # running averages of pi_0..pi_{t-1} in the log domain
+    m = np.logaddexp.accumulate(it[:-1], axis=0)
+    avg = m - np.log(np.arange(1, n_steps + 1))[:, None, None]
+    if sq:
+        return SelfPlay(it[:, 0], avg[:, 0])
+    return SelfPlay(it, avg)
+
+
+def hedge_regret_bound(n_actions_or_log_p0, eta: float, T) -> np.ndarray:
+    """Hedge's average-regret bound ``max_i log(1/pi_0(i)) / (eta T) + eta / 8`` (rewards in [0, 1]).
+
+    Pass ``N`` for a uniform start (``log N``) or the initial log-probabilities (``+inf`` if
+    ``pi_0`` has zeros: those completions are never played, so no bound holds against them).
+    By the SPO reduction this bounds the exploitability of the average self-play iterate
+    (Cesa-Bianchi & Lugosi 2006, "Prediction, Learning, and Games", Thm 2.2).
+    """
+    x = n_actions_or_log_p0
+    if np.ndim(x) == 0:
+        c = np.log(float(x))
+    else:
+        c = float(np.max(-np.asarray(x, dtype=float)))
+    T = np.asarray(T, dtype=float)
+    return c / (eta * T) + eta / 8
+
+
+# ============================================================================ the reward view
+def bradley_terry_fit(tree, pref, leaf_logp_pair, l2: float = 0.0):
+    """Fit a Bradley–Terry reward to a general preference in the population limit.
+
+    Builds all ordered pairs with weights ``rho0(s0) mu(xi) mu(xi') P(xi > xi')`` from the
+    pair distribution ``mu`` (:func:`toyrlhf.preferences.population_preferences`) and runs
+    tabular maximum likelihood (:func:`toyrlhf.projections.reward_mle`, the forward-KL
+    projection onto the BT family).  For a preference that no reward explains the fit is
+    the BT model closest in KL, which can discard the cycle entirely (a symmetric cyclic
+    preference with uniform pairs gives equal rewards).
+
+    Parameters
+    ----------
+    tree : TokenTree
+    pref : (N, N) or (P, N, N) with ``N = tree.n_leaves``
+    leaf_logp_pair : (P, N) or (N,) log-probabilities of the pair distribution ``mu``
+
+    Returns
+    -------
+    RewardFit (``.reward`` of shape ``(P, N)``)
+    """
+    from .preferences import population_preferences
+    from .projections import reward_mle
+    from .rewards import TabularReward
+
+    check_preference(pref, "pref")
+    data = population_preferences(tree, leaf_logp_pair=leaf_logp_pair, preference=pref)
+    return reward_mle(data, TabularReward(tree), l2=l2)
+
+
+def rlhf_policy(
+    tree, pref, log_p_ref, beta: float, leaf_logp_pair=None, l2: float = 0.0
+) -> np.ndarray:
+    """Two-stage RLHF on a general preference: BT fit, then the soft-optimal policy.
+
+    ``log P(xi) = log P_ref(xi) + r_hat(xi)/beta - log Z`` with ``r_hat`` from
+    :func:`bradley_terry_fit` (pairs from ``leaf_logp_pair``, default ``log_p_ref``) and
+    :func:`toyrlhf.projections.gibbs_policy`.  Returns ``(P, N)`` leaf log-probabilities.
+    """
+    from .projections import gibbs_policy
+
+    lp_ref = tree.check_leaf_array("log_p_ref", log_p_ref, allow_neg_inf=True)
+    pair = lp_ref if leaf_logp_pair is None else leaf_logp_pair
+    fit = bradley_terry_fit(tree, pref, pair, l2=l2)
+    return gibbs_policy(lp_ref, fit.reward, beta)[0]
