@@ -36,6 +36,9 @@ __all__ = ["MODULES", "names", "get", "all_experiments", "field_docs"]
 MODULES: tuple[str, ...] = (
     "partial_coverage",
     "loss_shapes",
+    "nash_cyclic",
+    "process_outcome",
+    "pareto",
 )
 
 
