@@ -39,6 +39,11 @@ MODULES: tuple[str, ...] = (
     "nash_cyclic",
     "process_outcome",
     "pareto",
+    "gen_verif_gap",
+    "isomorphic",
+    "fkl_rkl",
+    "likelihood_displacement",
+    "overoptimisation",
 )
 
 

@@ -1,0 +1,116 @@
+"""Best-of-n over a finite set of completions: exact distribution, KL and win rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toyrlhf.best_of_n import (
+    best_of_n,
+    best_of_n_kl,
+    best_of_n_kl_bound,
+    best_of_n_logprobs,
+    best_of_n_win_rate,
+    sample_best_of_n,
+)
+from toyrlhf.policies import leaf_logprobs, random_policy
+from toyrlhf.tree import TokenTree
+
+
+def make(seed=0, ties=True, zero_fraction=0.2):
+    rng = np.random.default_rng(seed)
+    tree = TokenTree(V=3, H=2, P=2)
+    ref = leaf_logprobs(tree, random_policy(tree, rng, zero_fraction=zero_fraction))
+    r = rng.standard_normal((tree.P, tree.n_leaves))
+    if ties:
+        r = np.round(r)  # several completions share a reward
+    return tree, ref, r, rng
+
+
+def test_closed_form_on_three_completions():
+    # F = 0.5, 0.8, 1.0 ; P_n = F^n - F^-^n
+    tree = TokenTree(V=3, H=1)
+    lq = np.log([[0.5, 0.3, 0.2]])
+    r = np.array([[0.0, 1.0, 2.0]])
+    for n in (1, 2, 7):
+        want = np.array([0.5**n, 0.8**n - 0.5**n, 1 - 0.8**n])
+        np.testing.assert_allclose(np.exp(best_of_n_logprobs(tree, lq, r, n))[0], want, atol=1e-15)
+        kl = float(np.sum(want * np.log(want / [0.5, 0.3, 0.2])))
+        assert best_of_n_kl(tree, lq, r, n)[0] == pytest.approx(kl, abs=1e-14)
+        win = want @ (np.array([0.0, 0.5, 0.8]) + 0.5 * np.array([0.5, 0.3, 0.2]))
+        assert best_of_n_win_rate(tree, lq, r, n)[0] == pytest.approx(win, abs=1e-15)
+
+
+def test_ties_are_shared_in_proportion_to_pi_ref():
+    tree = TokenTree(V=3, H=1)
+    lq = np.log([[0.2, 0.5, 0.3]])
+    r = np.array([[1.0, 0.0, 1.0]])  # xi1 and xi3 tie at the top, mass 0.5
+    p = np.exp(best_of_n_logprobs(tree, lq, r, 3))[0]
+    top = 1 - 0.5**3
+    np.testing.assert_allclose(p, [top * 0.2 / 0.5, 0.5**3, top * 0.3 / 0.5], atol=1e-15)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_exact_distribution_matches_brute_force_sampling(n):
+    tree, lq, r, rng = make(seed=1)
+    size = 40000
+    for prompt in range(tree.P):
+        p = np.exp(best_of_n_logprobs(tree, lq, r, n))[prompt]
+        draws = sample_best_of_n(tree, lq, r, n, size, rng, prompt=prompt)
+        f = np.bincount(draws, minlength=tree.n_leaves) / size
+        se = np.sqrt(p * (1 - p) / size)
+        assert np.all(np.abs(f - p) <= 4 * se + 1e-12)
+        assert np.all(f[p == 0] == 0)  # pi_ref-impossible completions are never chosen
+    # the brute-force win rate against a fresh pi_ref sample
+    draws = sample_best_of_n(tree, lq, r, 3, size, rng, prompt=0)
+    opp = sample_best_of_n(tree, lq, r, 1, size, rng, prompt=0)
+    w = (r[0, draws] > r[0, opp]) + 0.5 * (r[0, draws] == r[0, opp])
+    assert abs(w.mean() - best_of_n_win_rate(tree, lq, r, 3)[0]) <= 4 * w.std(ddof=1) / np.sqrt(size)
+
+
+def test_n_equal_one_is_pi_ref():
+    tree, lq, r, _ = make(seed=2)
+    np.testing.assert_allclose(np.exp(best_of_n_logprobs(tree, lq, r, 1)), np.exp(lq), atol=1e-15)
+    np.testing.assert_allclose(best_of_n_kl(tree, lq, r, 1), 0.0, atol=1e-15)
+    np.testing.assert_allclose(best_of_n_win_rate(tree, lq, r, 1), 0.5, atol=1e-15)
+
+
+@pytest.mark.parametrize("ties", [True, False])
+def test_kl_below_the_bound_and_tends_to_log_one_over_best_mass(ties):
+    tree, lq, r, _ = make(seed=3, ties=ties)
+    ns = [1, 2, 3, 5, 10, 30, 100, 1000]
+    kls = np.array([best_of_n_kl(tree, lq, r, n) for n in ns])
+    bound = best_of_n_kl_bound(np.array(ns))
+    assert np.all(kls <= bound[:, None] + 1e-12)
+    assert np.all(kls[1:] < bound[1:, None])  # strictly, for discrete outputs
+    assert np.all(np.diff(kls, axis=0) >= -1e-15) and np.all(kls[-1] > kls[1])  # more selection, further
+    q = np.exp(lq)
+    best = r == np.where(q > 0, r, -np.inf).max(axis=1, keepdims=True)
+    limit = -np.log((q * best).sum(axis=1))
+    np.testing.assert_allclose(best_of_n_kl(tree, lq, r, 10**7), limit, atol=1e-9)
+    p = np.exp(best_of_n_logprobs(tree, lq, r, 10**7))
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_win_rate_tends_to_n_over_n_plus_one_without_atoms():
+    tree = TokenTree(V=4, H=5)  # 1024 equally likely completions with distinct rewards
+    lq = np.full((1, tree.n_leaves), -np.log(tree.n_leaves))
+    r = np.random.default_rng(4).standard_normal((1, tree.n_leaves))
+    for n in (1, 2, 4):
+        assert best_of_n_win_rate(tree, lq, r, n)[0] == pytest.approx(n / (n + 1), abs=1e-3)
+        assert best_of_n_kl(tree, lq, r, n)[0] == pytest.approx(best_of_n_kl_bound(n), abs=5e-3)
+
+
+def test_summary_and_bad_input():
+    tree, lq, r, _ = make(seed=5)
+    s = best_of_n(tree, lq, r, 4)
+    assert s.n == 4 and s.bound == pytest.approx(np.log(4) - 0.75)
+    np.testing.assert_allclose(np.exp(s.logp).sum(axis=1), 1.0, atol=1e-14)
+    with pytest.raises(ValueError, match="n"):
+        best_of_n_logprobs(tree, lq, r, 0)
+    with pytest.raises(TypeError, match="n"):
+        best_of_n_logprobs(tree, lq, r, 2.5)
+    with pytest.raises(ValueError, match="sum to 1"):
+        best_of_n_logprobs(tree, lq + 1.0, r, 2)
+    with pytest.raises(ValueError, match="reward"):
+        best_of_n_kl(tree, lq, np.full_like(r, np.nan), 2)

@@ -1,0 +1,287 @@
+r"""Reward-model over-optimisation: gold reward peaks then falls as the proxy keeps rising (Gao et al. 2022).
+
+Claim (Gao, Schulman & Hilton 2022, "Scaling Laws for Reward Model Overoptimization",
+arXiv:2210.10760, eqs. (1)–(2)): optimising a *learned* proxy reward, the gold reward first
+rises and then falls with the distance ``d = sqrt(KL(pi || pi_ref))`` travelled, while the
+proxy keeps rising; the gold curves follow
+
+.. math:: R_{bon}(d) = d(\alpha_{bon} - \beta_{bon} d), \qquad
+          R_{RL}(d) = d(\alpha_{RL} - \beta_{RL} \log d),
+
+with ``R`` the gold reward relative to ``pi_ref``.
+
+Setup, all exact except the finite preference sample:
+
+* a forest of ``P`` prompts, ``V``-ary trees of depth ``H``, a random ``pi_ref`` per prompt;
+* gold reward = per-token quality minus a repetition penalty,
+  ``r*(xi) = sum_h u[a_h] - repeat_penalty * #{h : a_h = a_{h-1}}`` (``u = token_values``):
+  the best completions alternate good tokens, repeating the single best token is penalised;
+* proxy reward model: Bradley–Terry MLE (:func:`~toyrlhf.projections.reward_mle`, MAP with the
+  prior ``N(0, 1)`` per parameter, ``l2 = 1/n``) on ``n_data`` comparisons of ``pi_ref``
+  samples labelled by the gold reward, in the class ``proxy_class`` (default ``unigram``, a bag
+  of tokens: it cannot see repetitions, so it learns "more of the best token is better");
+* best-of-``n`` against the proxy, exactly: ``P_n(xi) = F(xi)^n - F^-(xi)^n`` with ``F`` the CDF
+  of the proxy under ``pi_ref``, ties shared in proportion to ``pi_ref``
+  (:mod:`toyrlhf.best_of_n`), for ``n`` from 1 to ``n_max``;
+* RL against the proxy, exactly: the KL-regularised optimum ``pi_ref exp(r_proxy / b) / Z``
+  (:func:`~toyrlhf.projections.soft_optimal_policy`) along a grid of KL coefficients ``b``.
+
+Both proxy curves are non-decreasing in ``d`` by theorem (best-of-``n`` is stochastically
+increasing in ``n``; ``d/db E_b[r] = -Var_b[r] / b^2``).  The gold curves are fitted by least
+squares in ``(alpha, beta)`` (both forms are linear in them), over the points with ``d > 0``;
+the result reports the coefficients, ``R^2`` and the RMS residual, and, for contrast, ``R^2`` of
+the one-parameter line ``alpha d`` (no downturn).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..best_of_n import best_of_n_kl, best_of_n_logprobs
+from ..plotting import COLORS, new_figure, style
+from ..policies import leaf_logprobs, random_policy, sequence_kl
+from ..preferences import sample_preferences
+from ..progress import progress_bar
+from ..projections import reward_mle, soft_optimal_policy
+from ..rewards import FAMILY_LEVELS, LinearReward, TabularReward, feature_family
+from ..tree import TokenTree
+
+__all__ = ["NAME", "TITLE", "Config", "Result", "run", "figure", "gold_reward", "fit_gao",
+           "plot_best_of_n", "plot_rl", "plot_hacking"]
+
+NAME = "overoptimisation"
+TITLE = "Over-optimisation: gold reward vs sqrt(KL) peaks then falls for best-of-n and RL on a learned proxy"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tree, gold reward, proxy reward model and optimisation grids."""
+
+    V: int = 4
+    """Vocabulary size (at most len(token_values))."""
+    H: int = 5
+    """Horizon (tokens per completion)."""
+    P: int = 3
+    """Number of prompts (uniform rho0), each with its own random pi_ref."""
+    token_values: tuple[float, ...] = (1.0, 0.6, 0.2, -0.2)
+    """Gold per-token quality u[a] (reward units)."""
+    repeat_penalty: float = 1.0
+    """Gold penalty per pair of equal adjacent tokens (reward units)."""
+    ref_temperature: float = 1.0
+    """Scale of the Gaussian logits of pi_ref."""
+    n_data: int = 1000
+    """Comparisons of pi_ref samples, labelled by Bradley-Terry on the gold reward, to fit the proxy."""
+    proxy_class: str = "unigram"
+    """Proxy reward-model class: a feature_family level ('unigram', 'position', 'bigram', ...) or 'tabular'."""
+    n_max: int = 10_000
+    """Largest best-of-n."""
+    n_points: int = 40
+    """Points on each curve (log-spaced n; log-spaced KL coefficients)."""
+    rl_beta_range: tuple[float, float] = (30.0, 0.03)
+    """Largest and smallest KL coefficient b of the RL path (d grows as b shrinks)."""
+    seed: int = 0
+    """Seed of pi_ref and the preference data."""
+
+    def __post_init__(self):
+        if self.proxy_class not in FAMILY_LEVELS:
+            raise ValueError(f"proxy_class must be one of {FAMILY_LEVELS}, got {self.proxy_class!r}")
+        if self.V > len(self.token_values):
+            raise ValueError(f"V={self.V} needs at least V token_values, got {len(self.token_values)}")
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(H=4, P=2, n_data=500, n_max=3000, n_points=20)
+
+
+@dataclass(frozen=True)
+class Result:
+    config: Config
+    bon_n: np.ndarray
+    """(B,) best-of-n values of n."""
+    bon_d: np.ndarray
+    """(B,) sqrt(KL(P_n || P_ref)) averaged over prompts (KL averaged, then the root) [sqrt(nats)]."""
+    bon_gold: np.ndarray
+    """(B,) gold reward E_{P_n}[r*] - E_ref[r*]."""
+    bon_proxy: np.ndarray
+    """(B,) proxy reward E_{P_n}[r_proxy] - E_ref[r_proxy]."""
+    bon_hack: np.ndarray
+    """(B,) probability of completions with at least H-2 repeated adjacent pairs."""
+    rl_beta: np.ndarray
+    """(R,) KL coefficients b of the RL path (d = 0 first, for b = inf)."""
+    rl_d: np.ndarray
+    """(R,) sqrt(KL(pi_b || pi_ref)) [sqrt(nats)]."""
+    rl_gold: np.ndarray
+    """(R,) gold reward relative to pi_ref."""
+    rl_proxy: np.ndarray
+    """(R,) proxy reward relative to pi_ref."""
+    rl_hack: np.ndarray
+    """(R,) probability of completions with at least H-2 repeated adjacent pairs."""
+    bon_fit: np.ndarray
+    """(2,) (alpha, beta) of gold ~ d (alpha - beta d) for best-of-n."""
+    rl_fit: np.ndarray
+    """(2,) (alpha, beta) of gold ~ d (alpha - beta log d) for RL."""
+    bon_r2: float
+    """R^2 of the best-of-n fit (points with d > 0)."""
+    rl_r2: float
+    """R^2 of the RL fit."""
+    bon_rmse: float
+    """RMS residual of the best-of-n fit (reward units)."""
+    rl_rmse: float
+    """RMS residual of the RL fit."""
+    bon_r2_linear: float
+    """R^2 of the line alpha d (no downturn) on the best-of-n points, for contrast."""
+    rl_r2_linear: float
+    """R^2 of the line alpha d on the RL points."""
+    proxy_params: np.ndarray
+    """Fitted proxy reward-model parameters."""
+    gold_ref: float
+    """E_ref[r*] (the zero of the gold curves)."""
+    gold_best_d: np.ndarray
+    """(2,) d at the gold peak: best-of-n, RL."""
+
+
+def gold_reward(tree: TokenTree, token_values, repeat_penalty: float) -> np.ndarray:
+    """``r*(xi) = sum_h u[a_h] - repeat_penalty * #{h : a_h = a_{h-1}}``, shape ``(N,)``."""
+    tok = tree.tokens()
+    u = np.asarray(token_values, dtype=float)[: tree.V]
+    return u[tok].sum(axis=1) - repeat_penalty * (tok[:, 1:] == tok[:, :-1]).sum(axis=1)
+
+
+def fit_gao(d, gold, form: str) -> tuple[np.ndarray, float, float]:
+    """Least-squares fit of Gao et al.'s forms, linear in ``(alpha, beta)``.
+
+    ``form='bon'``: ``R = d (alpha - beta d)``; ``form='rl'``: ``R = d (alpha - beta log d)``;
+    ``form='linear'``: ``R = alpha d`` (returns ``beta = 0``).  Uses points with ``d > 0``.
+    Returns ``(coef, R^2, rmse)``.
+    """
+    d = np.asarray(d, dtype=float)
+    y = np.asarray(gold, dtype=float)
+    keep = d > 0
+    d, y = d[keep], y[keep]
+    if form == "bon":
+        X = np.stack([d, -d * d], axis=1)
+    elif form == "rl":
+        X = np.stack([d, -d * np.log(d)], axis=1)
+    elif form == "linear":
+        X = d[:, None]
+    else:
+        raise ValueError(f"form must be 'bon', 'rl' or 'linear', got {form!r}")
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    res = y - X @ coef
+    ss = float(((y - y.mean()) ** 2).sum())
+    coef = np.append(coef, 0.0) if form == "linear" else coef
+    return coef, 1.0 - float(res @ res) / ss, float(np.sqrt(np.mean(res**2)))
+
+
+def run(config: Config = Config(), progress: bool = False) -> Result:
+    c = config
+    rng = np.random.default_rng(c.seed)
+    tree = TokenTree(V=c.V, H=c.H, P=c.P)
+    ref = random_policy(tree, rng, temperature=c.ref_temperature)
+    ref_lp = leaf_logprobs(tree, ref)
+    gold = np.broadcast_to(gold_reward(tree, c.token_values, c.repeat_penalty), (tree.P, tree.n_leaves))
+    tok = tree.tokens()
+    hack = (tok[:, 1:] == tok[:, :-1]).sum(axis=1) >= c.H - 2
+    data = sample_preferences(tree, gold, c.n_data, rng, log_pi_pair=ref)
+    rc = TabularReward(tree) if c.proxy_class == "tabular" else LinearReward(tree, feature_family(tree, c.proxy_class))
+    rfit = reward_mle(data, rc, l2=1.0 / data.n, warn=False)
+    proxy = rfit.reward
+    with np.errstate(under="ignore"):
+        p_ref = np.exp(ref_lp)
+
+    def stats(p):
+        return (tree.average((p * gold).sum(axis=1)), tree.average((p * proxy).sum(axis=1)),
+                tree.average((p * hack).sum(axis=1)))
+
+    g0, x0, _ = stats(p_ref)
+    ns = np.unique(np.round(np.logspace(0, np.log10(c.n_max), c.n_points)).astype(int))
+    betas = np.logspace(np.log10(c.rl_beta_range[0]), np.log10(c.rl_beta_range[1]), c.n_points)
+    bon = np.zeros((ns.size, 4))
+    rl = np.zeros((betas.size + 1, 4))
+    rl[0] = 0.0, g0, x0, stats(p_ref)[2]
+    jobs = [("bon", k, n) for k, n in enumerate(ns)] + [("rl", k, b) for k, b in enumerate(betas)]
+    for kind, k, v in progress_bar(jobs, enabled=progress, desc=NAME):
+        if kind == "bon":
+            with np.errstate(under="ignore"):
+                p = np.exp(best_of_n_logprobs(tree, ref_lp, proxy, int(v)))
+            kl = tree.average(best_of_n_kl(tree, ref_lp, proxy, int(v)))
+            bon[k] = np.sqrt(max(kl, 0.0)), *stats(p)
+        else:
+            log_pi = soft_optimal_policy(tree, ref, proxy, float(v)).log_pi
+            with np.errstate(under="ignore"):
+                p = np.exp(leaf_logprobs(tree, log_pi))
+            rl[k + 1] = np.sqrt(max(tree.average(sequence_kl(tree, log_pi, ref)), 0.0)), *stats(p)
+    bon[:, 1] -= g0
+    bon[:, 2] -= x0
+    rl[:, 1] -= g0
+    rl[:, 2] -= x0
+    bfit, br2, brmse = fit_gao(bon[:, 0], bon[:, 1], "bon")
+    rfit_, rr2, rrmse = fit_gao(rl[:, 0], rl[:, 1], "rl")
+    return Result(
+        config=c,
+        bon_n=ns,
+        bon_d=bon[:, 0], bon_gold=bon[:, 1], bon_proxy=bon[:, 2], bon_hack=bon[:, 3],
+        rl_beta=np.concatenate([[np.inf], betas]),
+        rl_d=rl[:, 0], rl_gold=rl[:, 1], rl_proxy=rl[:, 2], rl_hack=rl[:, 3],
+        bon_fit=bfit, rl_fit=rfit_, bon_r2=br2, rl_r2=rr2, bon_rmse=brmse, rl_rmse=rrmse,
+        bon_r2_linear=fit_gao(bon[:, 0], bon[:, 1], "linear")[1],
+        rl_r2_linear=fit_gao(rl[:, 0], rl[:, 1], "linear")[1],
+        proxy_params=rfit.params,
+        gold_ref=g0,
+        gold_best_d=np.array([bon[np.argmax(bon[:, 1]), 0], rl[np.argmax(rl[:, 1]), 0]]),
+    )
+
+
+# ---------------------------------------------------------------------------- plotting
+def _curves(ax, d, gold, proxy, coef, r2, form, title):
+    ax.plot(d, proxy, "o-", ms=3.5, color=COLORS[1], label="proxy reward (learned RM)")
+    ax.plot(d, gold, "s-", ms=3.5, color=COLORS[0], label="gold reward")
+    dd = np.linspace(max(d[d > 0].min(), 1e-3), d.max(), 200)
+    if form == "bon":
+        fit, lab = dd * (coef[0] - coef[1] * dd), rf"fit $d(\alpha-\beta d)$: $\alpha$={coef[0]:.2f}, $\beta$={coef[1]:.2f}"
+    else:
+        fit, lab = dd * (coef[0] - coef[1] * np.log(dd)), rf"fit $d(\alpha-\beta\log d)$: $\alpha$={coef[0]:.2f}, $\beta$={coef[1]:.2f}"
+    ax.plot(dd, fit, "k--", lw=1.3, label=lab + f", $R^2$={r2:.3f}")
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_xlabel(r"$d = \sqrt{\mathrm{KL}(\pi\,\|\,\pi_{ref})}$ [$\sqrt{\mathrm{nats}}$]")
+    ax.set_ylabel(r"reward relative to $\pi_{ref}$ [reward units]")
+    ax.set_title(title)
+    ax.legend(fontsize="x-small", loc="upper left")
+
+
+def plot_best_of_n(result: Result, ax) -> None:
+    """Best-of-n: gold and proxy reward against d, with the d(alpha - beta d) fit."""
+    _curves(ax, result.bon_d, result.bon_gold, result.bon_proxy, result.bon_fit, result.bon_r2, "bon",
+            f"Best-of-n, n = 1..{result.bon_n[-1]} (exact)")
+
+
+def plot_rl(result: Result, ax) -> None:
+    """KL-regularised RL: gold and proxy reward against d, with the d(alpha - beta log d) fit."""
+    b = result.rl_beta[1:]
+    _curves(ax, result.rl_d, result.rl_gold, result.rl_proxy, result.rl_fit, result.rl_r2, "rl",
+            rf"RL: soft-optimal for the proxy, $b$ = {b[0]:g}..{b[-1]:g}")
+
+
+def plot_hacking(result: Result, ax) -> None:
+    """Mass on 'hacks' (completions repeating one token) against d: what the proxy cannot see."""
+    ax.plot(result.bon_d, result.bon_hack, "o-", ms=3.5, label="best-of-n")
+    ax.plot(result.rl_d, result.rl_hack, "s-", ms=3.5, label="RL")
+    for k, lab in ((0, "best-of-n"), (1, "RL")):
+        ax.axvline(result.gold_best_d[k], color=COLORS[k], ls=":", lw=1.2, label=f"gold peak, {lab}")
+    ax.set_xlabel(r"$d = \sqrt{\mathrm{KL}(\pi\,\|\,\pi_{ref})}$ [$\sqrt{\mathrm{nats}}$]")
+    ax.set_ylabel(f"P(≥ {result.config.H - 2} repeated adjacent tokens)")
+    ax.set_title(f"The {result.config.proxy_class} RM cannot see repetition")
+    ax.legend(fontsize="x-small")
+
+
+def figure(result: Result):
+    with style():
+        fig, axes = new_figure(1, 3, figsize=(15, 4.6))
+        plot_best_of_n(result, axes[0])
+        plot_rl(result, axes[1])
+        plot_hacking(result, axes[2])
+        fig.suptitle("Reward-model over-optimisation (Gao et al. 2022): the proxy keeps rising, the gold reward "
+                     "peaks then falls with $d$")
+    return fig
