@@ -10,6 +10,8 @@ and the three *projections* (reward MLE, soft RL, DPO).  Specialised modules
 (:mod:`toyrlhf.losses`, :mod:`toyrlhf.online`, :mod:`toyrlhf.nash`, ...) are imported by name.
 
 This module imports nothing heavy (no matplotlib); plotting lives in :mod:`toyrlhf.plotting`.
+Imported before NumPy, it defaults BLAS to one thread (``OPENBLAS_NUM_THREADS`` etc., only if
+unset): the matrices here are tiny and BLAS threads only add contention.
 
 Examples
 --------
@@ -22,7 +24,14 @@ Examples
 True
 """
 
-from .policies import (
+import os as _os
+import sys as _sys
+
+if "numpy" not in _sys.modules:  # toyrlhf's matrices are small: BLAS threads only add contention
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        _os.environ.setdefault(_var, "1")
+
+from .policies import (  # noqa: E402
     LogLinearPolicy,
     TabularPolicy,
     leaf_logprobs,
@@ -32,14 +41,14 @@ from .policies import (
     sequence_kl,
     uniform_policy,
 )
-from .preferences import (
+from .preferences import (  # noqa: E402
     PreferenceData,
     bradley_terry,
     population_preferences,
     preference_pairs,
     sample_preferences,
 )
-from .projections import (
+from .projections import (  # noqa: E402
     NotAttainedWarning,
     SoftOptimalPolicyClass,
     dpo,
@@ -54,8 +63,8 @@ from .projections import (
     soft_optimal_policy,
     soft_rl_projection,
 )
-from .rewards import LinearReward, TabularReward, feature_family
-from .tree import TokenTree
+from .rewards import LinearReward, TabularReward, feature_family  # noqa: E402
+from .tree import TokenTree  # noqa: E402
 
 __version__ = "0.1.0"
 
