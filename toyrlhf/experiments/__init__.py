@@ -44,6 +44,9 @@ MODULES: tuple[str, ...] = (
     "fkl_rkl",
     "likelihood_displacement",
     "overoptimisation",
+    "pg_variance",
+    "kl_estimators",
+    "offline_online",
 )
 
 
