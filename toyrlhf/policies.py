@@ -44,11 +44,30 @@ __all__ = [
 
 # --------------------------------------------------------------------------- kernels
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """``x - logsumexp(x)`` along ``axis``; ``-inf`` entries stay ``-inf`` (need one finite)."""
-    m = np.max(x, axis=axis, keepdims=True)
-    z = x - m
+    """``x - logsumexp(x)`` along ``axis``; ``-inf`` entries stay ``-inf`` (need one finite).
+
+    Over the last axis (the ``V`` tokens of a node) the max and the sum run column by column:
+    NumPy reductions over a short last axis are several times slower than elementwise passes.
+    """
+    x = np.asarray(x, dtype=float)
+    if axis not in (-1, x.ndim - 1):
+        m = np.max(x, axis=axis, keepdims=True)
+        z = x - m
+        with np.errstate(under="ignore"):
+            return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
+    V = x.shape[-1]
+    m = x[..., 0].copy()
+    for a in range(1, V):
+        np.maximum(m, x[..., a], out=m)
+    z = x - m[..., None]
+    s = np.zeros_like(m)
     with np.errstate(under="ignore"):
-        return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
+        e = np.exp(z)
+    for a in range(V):
+        s += e[..., a]
+    np.log(s, out=s)
+    z -= s[..., None]
+    return z
 
 
 def policy_from_logits(tree: TokenTree, logits) -> tuple[np.ndarray, ...]:

@@ -176,7 +176,12 @@ class TokenTree:
         """Boolean ``(V**h,)``: depth-``h`` nodes whose prefix already contains EOS."""
         if self.eos is None:
             return np.zeros(self.level_size(h), dtype=bool)
-        return np.any(self.prefixes(h) == self.eos, axis=1)
+        key = ("absorbed", h)
+        if key not in self._cache:
+            mask = np.any(self.prefixes(h) == self.eos, axis=1)
+            mask.setflags(write=False)
+            self._cache[key] = mask
+        return self._cache[key]
 
     def valid_leaves(self) -> np.ndarray:
         """Boolean ``(V**H,)``: leaves reachable under some policy (all of them without EOS)."""
