@@ -46,6 +46,7 @@ MODULES: tuple[str, ...] = (
     "overoptimisation",
     "pg_variance",
     "kl_estimators",
+    "offline_overoptimisation",
     "offline_online",
 )
 

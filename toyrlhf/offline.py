@@ -1,0 +1,1102 @@
+r"""Offline preference optimisation over a policy class: exact solvers and minibatch training.
+
+Every paired loss of :mod:`toyrlhf.losses` is a weighted sum over preference triples of a
+function of the *sequence* log-probabilities of the chosen and rejected completions.  On a
+token tree these are exact, so the loss over a policy class is an ordinary smooth (or
+piecewise smooth) function of the class's parameters ``theta``:
+
+.. math::
+    L(\theta) = \sum_m w_m\, \ell\big(\log P_\theta(\xi^+_m), \log P_\theta(\xi^-_m);
+    \log P_{ref}(\xi^+_m), \log P_{ref}(\xi^-_m)\big),
+
+whose gradient is assembled in ``O(leaves)``: the loss returns ``dL/dlog P`` per triple, the
+gradients are scattered onto a ``(P, V**H)`` leaf array with :func:`numpy.bincount`, and the
+class pulls the leaf array back to ``theta`` with ``leaf_logprobs_vjp`` (the chain rule summed
+up the tree).  With the dataset's weights (empirical frequencies, or exact population weights
+from :func:`~toyrlhf.preferences.population_preferences`) this is the offline objective of
+Tang et al. 2024, "Generalized Preference Optimization", arXiv:2402.05749, eq. (4),
+
+.. math:: \mathbb{E}_{(y_w, y_l)\sim\mu}\big[f(\beta\rho_\theta)\big], \qquad
+          \rho_\theta = \log\frac{\pi_\theta(y_w)}{\pi_{ref}(y_w)} - \log\frac{\pi_\theta(y_l)}{\pi_{ref}(y_l)},
+
+and of its variants (cDPO, robust DPO, IPO, SimPO, ORPO, RPO).
+
+* :func:`fit_preference_loss` minimises it exactly (deterministic L-BFGS to a tight gradient
+  tolerance; an exact linear program for the hinge over tabular classes) and says whether the
+  optimum is attained by finite parameters.  :func:`fit_kto` does the same for KTO on unpaired
+  data (:class:`UnpairedData`).
+* :func:`train_preference_loss` runs minibatch Adam/SGD with an explicit
+  :class:`numpy.random.Generator` and records, per step, the exact loss, ``KL(P_pi || P_ref)``,
+  the gold and proxy rewards and the data log-likelihoods (a :class:`Trajectory`).
+* :func:`offline_taylor_terms` / :func:`trajectory_taylor_terms` give the offline-regularisation
+  view of any trained policy (Tang et al. 2024, Sec. 4; slides 002, "Understanding the
+  trade-offs").
+
+Attainment: which losses have a finite optimum
+----------------------------------------------
+Over the *tabular* class (:class:`~toyrlhf.policies.TabularPolicy`), every leaf log-ratio vector
+``u = log P - log P_ref`` on the data's completions is reachable, and ``rho = D u`` for the
+sparse margin design ``D`` (one row ``e_chosen - e_rejected`` per triple).  For losses that are
+functions of ``rho`` only, attainment is then decided exactly from the scalar loss's asymptotic
+slopes ``f(x) ~ c_+ x`` as ``x -> +inf`` and ``f(x) ~ c_- |x|`` as ``x -> -inf`` (the
+recession function of a convex ``f``, Rockafellar 1970, Convex Analysis, Sec. 8): the optimum
+is *not* attained iff some direction with ``D v != 0`` has total recession
+``sum_m w_m (c_+ (Dv)_m^+ + c_- (Dv)_m^-) <= 0``, a linear program (HiGHS).
+
+============================  ===============================  ======================================
+loss                          slopes ``(c_+, c_-)``             attained (tabular class)
+============================  ===============================  ======================================
+``sigmoid``/``logistic``      ``(0, 1)``                        iff not separable (LP; Albert &
+(DPO), ``rpo`` with alpha=0                                     Anderson 1984) -- never under
+                                                                deterministic preferences
+cDPO (label_smoothing e>0)    ``(e, 1-e)``                      always (coercive)
+``robust`` (e>0)              ``(-e/(1-2e), (1-e)/(1-2e))``     iff the LP's minimum is > 0;
+                                                                otherwise unbounded *below*
+``exponential``               ``(0, inf)``                      iff not separable (LP)
+``savage``                    ``(0, 0)`` (bounded, non-convex)  not attained if separable (LP,
+                                                                certain); else numerical probe
+``squared``/``ipo``           ``(inf, inf)``                    always (coercive least squares)
+``hinge``                     polyhedral                        always (an LP; solved exactly)
+``truncated_quadratic``       piecewise quadratic               always (convex QP bounded below,
+                                                                Frank & Wolfe 1956)
+``simpo``, ``orpo``, ``rpo``  depend on ``log P`` itself        numerical probe
+(alpha>0), KTO
+============================  ===============================  ======================================
+
+For other classes (log-linear, ...) and for the last row, attainment is decided by a numerical
+*drift probe*: after converging to gradient tolerance ``tol``, the solver continues to
+``tol * 1e-3``; if some leaf log-probability still moves by more than ``drift_tol`` nats, the
+iterates are running off to infinity (an attained, non-degenerate optimum moves by
+``O(tol / curvature)``; an infimum at infinity moves by ``O(log 1000)`` in the margin).  This is
+a heuristic and is reported as such (``OfflineFit.attainment == "probe"``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import optimize, sparse
+
+from .losses import PAIRED_LOSSES, TaylorTerms, kto_loss, taylor_terms
+from .policies import TabularPolicy, leaf_logprobs, sequence_kl
+from .preferences import PreferenceData
+from .projections import NotAttainedWarning, PolicyFit, soft_optimal_policy
+from .tree import TokenTree
+
+__all__ = [
+    "OfflineFit",
+    "UnpairedData",
+    "LIMIT_NATS",
+    "Trajectory",
+    "TrainingDivergedError",
+    "PAIRED_LOSS_NAMES",
+    "preference_objective",
+    "kto_objective",
+    "fit_preference_loss",
+    "fit_kto",
+    "unpaired_from_preferences",
+    "train_preference_loss",
+    "offline_taylor_terms",
+    "trajectory_taylor_terms",
+    "expected_reward",
+]
+
+#: Names accepted by :func:`fit_preference_loss` and :func:`train_preference_loss`.
+PAIRED_LOSS_NAMES: tuple[str, ...] = tuple(sorted(PAIRED_LOSSES))
+
+#: Losses that need completion lengths, and which (supplied from ``tree.lengths()``).
+_LENGTH_ARGS = {"simpo": ("len_chosen", "len_rejected"), "orpo": ("len_chosen", "len_rejected"), "rpo": ("len_chosen",)}
+#: Keyword arguments the solvers set themselves.
+_RESERVED = ("weights", "len_chosen", "len_rejected", "allow_neg_inf")
+#: The solvers' L-BFGS settings.
+_MAXCOR = 30
+_PROBE_FACTOR = 1e-3
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Minibatch training produced a non-finite loss, gradient or parameter.
+
+    Attributes
+    ----------
+    step : int
+        The step (0-based update index) at which the non-finite value appeared.
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+# ====================================================================== results and data
+@dataclass(frozen=True, eq=False)
+class OfflineFit(PolicyFit):
+    """Result of :func:`fit_preference_loss` / :func:`fit_kto`: a :class:`PolicyFit` plus diagnostics.
+
+    Attributes
+    ----------
+    params, log_pi, leaf_logp, loss, attained, converged, n_iter
+        As in :class:`~toyrlhf.projections.PolicyFit`.  ``attained=False`` means the infimum
+        is only approached as the parameters diverge (or, for robust DPO, that the loss is
+        unbounded below); the returned point is where the optimiser stopped.
+    loss_name : str
+        The loss minimised (a key of :data:`PAIRED_LOSS_NAMES`, or ``"kto"``).
+    rho : ndarray (M,) or None
+        Log-ratio differences ``rho`` of the data's triples at the fit (paired losses).
+    recession : ndarray (P, V**H) or None
+        When not attained: a leaf direction along which the loss keeps decreasing (the LP's
+        log-ratio direction for tabular classes; the drift of the leaf log-probabilities under
+        the probe otherwise).  Unit Euclidean norm.
+    attainment : str
+        How ``attained`` was decided: ``"lp"`` (exact LP), ``"coercive"``, ``"polyhedral"``
+        (always attained, see the module table) or ``"probe"`` (numerical, a heuristic).
+    grad_norm : float
+        Euclidean norm of the objective's gradient in ``theta`` at the fit (0 for LP solutions of
+        the hinge, where the objective is not differentiable).
+    """
+
+    loss_name: str = "sigmoid"
+    rho: np.ndarray | None = None
+    recession: np.ndarray | None = None
+    attainment: str = ""
+    grad_norm: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class UnpairedData:
+    """Weighted unpaired feedback for KTO: (prompt, completion, desirable) with weights.
+
+    Attributes
+    ----------
+    prompt, leaf : int arrays (M,)
+        Prompt index and leaf index of each example.
+    desirable : bool array (M,)
+        Whether the completion was labelled desirable.
+    weight : float array (M,)
+        Non-negative, summing to 1.
+    n : float
+        Number of labelled examples behind the weights (``inf`` for a population limit).
+    """
+
+    prompt: np.ndarray
+    leaf: np.ndarray
+    desirable: np.ndarray
+    weight: np.ndarray
+    n: float = np.inf
+
+    def __post_init__(self):
+        for name in ("prompt", "leaf"):
+            a = np.asarray(getattr(self, name))
+            if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+                raise TypeError(f"{name} must be a 1-D integer array, got dtype {a.dtype} shape {a.shape}")
+            object.__setattr__(self, name, a.astype(np.int64))
+        d = np.asarray(self.desirable)
+        if d.dtype != np.bool_ or d.ndim != 1:
+            raise TypeError(f"desirable must be a 1-D boolean array, got dtype {d.dtype} shape {d.shape}")
+        w = np.asarray(self.weight, dtype=float)
+        M = self.prompt.size
+        if M == 0:
+            raise ValueError("unpaired data must contain at least one example")
+        if self.leaf.size != M or d.size != M or w.shape != (M,):
+            raise ValueError(f"prompt, leaf, desirable and weight must have the same length, got "
+                             f"{[M, self.leaf.size, d.size, w.size]}")
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or abs(w.sum() - 1) > 1e-9:
+            raise ValueError("weight must be non-negative, finite and sum to 1")
+        object.__setattr__(self, "desirable", d)
+        object.__setattr__(self, "weight", w)
+
+    def __len__(self) -> int:
+        return self.prompt.size
+
+    def check_tree(self, tree: TokenTree) -> None:
+        """Raise if indices fall outside ``tree`` or name invalid EOS completions."""
+        if self.prompt.min() < 0 or self.prompt.max() >= tree.P:
+            raise ValueError(f"data.prompt must lie in [0, P={tree.P})")
+        if self.leaf.min() < 0 or self.leaf.max() >= tree.n_leaves:
+            raise ValueError(f"data.leaf must be leaf indices in [0, {tree.n_leaves})")
+        if not tree.valid_leaves()[self.leaf].all():
+            raise ValueError("data.leaf contains leaves that are not valid EOS completions")
+
+    def flat_indices(self, tree: TokenTree) -> np.ndarray:
+        """Indices into a raveled ``(P, N)`` leaf array."""
+        return self.prompt * tree.n_leaves + self.leaf
+
+
+def unpaired_from_preferences(data: PreferenceData) -> UnpairedData:
+    """Split preference triples into unpaired feedback: chosen -> desirable, rejected -> undesirable.
+
+    Each triple of weight ``w`` gives two examples of weight ``w/2`` (the usual way KTO is run
+    on paired data, Ethayarajh et al. 2024, arXiv:2402.01306, Sec. 4); duplicates are merged.
+    """
+    if not isinstance(data, PreferenceData):
+        raise TypeError(f"data must be a PreferenceData, got {type(data).__name__}")
+    prompt = np.concatenate([data.prompt, data.prompt])
+    leaf = np.concatenate([data.chosen, data.rejected])
+    des = np.concatenate([np.ones(len(data), dtype=np.int64), np.zeros(len(data), dtype=np.int64)])
+    w = np.concatenate([data.weight, data.weight]) / 2.0
+    key = np.stack([prompt, leaf, des], axis=1)
+    uniq, inv = np.unique(key, axis=0, return_inverse=True)
+    ww = np.bincount(inv.ravel(), weights=w, minlength=len(uniq))
+    keep = ww > 0
+    return UnpairedData(uniq[keep, 0], uniq[keep, 1], uniq[keep, 2].astype(bool), ww[keep] / ww[keep].sum(), data.n)
+
+
+@dataclass(frozen=True, eq=False)
+class Trajectory:
+    """Per-step record of :func:`train_preference_loss`.
+
+    Arrays indexed by ``step = 0..steps`` hold the value at the parameters *before* update
+    ``step`` (entry 0 is the initial policy, entry ``steps`` the final one).  All values are
+    exact (computed on the whole tree and the whole dataset), whatever the minibatch.
+
+    Attributes
+    ----------
+    step : int (T+1,)
+    loss : (T+1,) the full-data objective.
+    batch_loss : (T,) the minibatch loss each update descended.
+    kl : (T+1,) ``E_rho0 KL(P_pi || P_ref)`` (``+inf`` if the policy leaves ``pi_ref``'s support).
+    gold, proxy : (T+1,) or None, ``E_rho0 E_{P_pi}[r]`` for the gold and proxy rewards if given.
+    logp_chosen, logp_rejected : (T+1,) data-weighted means of ``log P_pi`` of chosen/rejected.
+    rho_mean, rho_sq_mean : (T+1,) data-weighted ``E[rho]`` and ``E[rho^2]`` (for the Taylor view).
+    params : (d,) final parameters.
+    params_history : (T+1, d) or None, every step's parameters if asked for.
+    loss_name, optimizer : str
+    lr : float
+    batch_size : int, 0 for full-batch (exact gradients).
+    """
+
+    step: np.ndarray
+    loss: np.ndarray
+    batch_loss: np.ndarray
+    kl: np.ndarray
+    gold: np.ndarray | None
+    proxy: np.ndarray | None
+    logp_chosen: np.ndarray
+    logp_rejected: np.ndarray
+    rho_mean: np.ndarray
+    rho_sq_mean: np.ndarray
+    params: np.ndarray
+    params_history: np.ndarray | None
+    loss_name: str
+    optimizer: str
+    lr: float
+    batch_size: int
+
+
+# ====================================================================== validation helpers
+def _resolve_loss(loss) -> str:
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be a loss name (str), got {type(loss).__name__}")
+    if loss == "kto":
+        raise ValueError("loss 'kto' is unpaired: use fit_kto with UnpairedData")
+    if loss not in PAIRED_LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; known losses: {', '.join(PAIRED_LOSS_NAMES)} (and 'kto' via fit_kto)")
+    return loss
+
+
+def _check_kwargs(loss_kwargs: dict) -> dict:
+    bad = [k for k in _RESERVED if k in loss_kwargs]
+    if bad:
+        raise TypeError(f"{', '.join(bad)} are set by the solver from the data and the tree; do not pass them")
+    return dict(loss_kwargs)
+
+
+def _check_data(data, tree: TokenTree) -> None:
+    if not isinstance(data, PreferenceData):
+        raise TypeError(f"data must be a PreferenceData, got {type(data).__name__}")
+    data.check_tree(tree)
+
+
+def _check_class(policy_class) -> TokenTree:
+    for attr in ("tree", "init", "conditionals", "leaf_logprobs_vjp", "n_params"):
+        if not hasattr(policy_class, attr):
+            raise TypeError(f"policy_class must be a policy class (TabularPolicy, LogLinearPolicy, ...); "
+                            f"{type(policy_class).__name__} has no {attr!r}")
+    return policy_class.tree
+
+
+def _ref_leaf_logp(tree: TokenTree, log_pi_ref, flat_idx: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    ref = leaf_logprobs(tree, tree.check_levels("log_pi_ref", log_pi_ref))
+    bad = np.isneginf(ref.ravel()[flat_idx]) & (weight > 0)
+    if bad.any():
+        raise ValueError("data contains completions with P_ref = 0: the log-ratio log(P/P_ref) is undefined there")
+    return ref
+
+
+def _theta0(policy_class, theta0) -> np.ndarray:
+    if theta0 is None:
+        return np.asarray(policy_class.init(), dtype=float)
+    t = np.asarray(theta0, dtype=float)
+    if t.shape != (policy_class.n_params,):
+        raise ValueError(f"theta0 must have shape ({policy_class.n_params},), got {t.shape}")
+    if not np.all(np.isfinite(t)):
+        raise ValueError("theta0 must be finite")
+    return t
+
+
+def _check_positive_float(name: str, value, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
+    return v
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+# ====================================================================== the objective
+@dataclass(frozen=True, eq=False)
+class _Problem:
+    """Everything a paired objective needs, precomputed once."""
+
+    tree: TokenTree
+    name: str
+    fn: object
+    kwargs: dict
+    c: np.ndarray  # flat chosen indices (M,)
+    r: np.ndarray  # flat rejected indices (M,)
+    w: np.ndarray  # weights (M,)
+    ref: np.ndarray  # (P*N,) reference leaf log-probs, raveled
+    log_pi_ref: tuple  # reference conditionals
+    len_c: np.ndarray
+    len_r: np.ndarray
+    size: int = field(default=0)
+
+    def evaluate(self, lp_flat: np.ndarray, idx=None):
+        """Loss and leaf gradient ``(P*N,)`` on all triples or on the (multi)set ``idx``."""
+        if idx is None:
+            c, r, w, lc, lr = self.c, self.r, self.w, self.len_c, self.len_r
+        else:
+            c, r, lc, lr = self.c[idx], self.r[idx], self.len_c[idx], self.len_r[idx]
+            w = np.full(c.size, 1.0 / c.size)
+        extra = {}
+        if self.name in _LENGTH_ARGS:
+            lens = {"len_chosen": lc, "len_rejected": lr}
+            extra = {k: lens[k] for k in _LENGTH_ARGS[self.name]}
+        lpc, lpr = lp_flat[c], lp_flat[r]
+        if np.any(np.isneginf(lpc) & (w > 0)) or np.any(np.isneginf(lpr) & (w > 0)):
+            raise ValueError("the policy gives probability zero to a completion in the data: the loss is infinite there")
+        try:
+            val = self.fn(lpc, lpr, self.ref[c], self.ref[r], weights=w, **extra, **self.kwargs)
+        except TypeError as e:
+            raise TypeError(f"loss {self.name!r}: {e}") from None
+        g = np.bincount(c, val.grad_chosen, minlength=self.size) + np.bincount(r, val.grad_rejected, minlength=self.size)
+        return float(val.loss), g
+
+    def rho(self, lp_flat: np.ndarray) -> np.ndarray:
+        return (lp_flat[self.c] - self.ref[self.c]) - (lp_flat[self.r] - self.ref[self.r])
+
+
+def _problem(data, policy_class, log_pi_ref, loss, loss_kwargs) -> _Problem:
+    name = _resolve_loss(loss)
+    kwargs = _check_kwargs(loss_kwargs)
+    tree = _check_class(policy_class)
+    _check_data(data, tree)
+    c, r = data.flat_indices(tree)
+    log_pi_ref = tree.check_levels("log_pi_ref", log_pi_ref)
+    ref = _ref_leaf_logp(tree, log_pi_ref, np.concatenate([c, r]), np.concatenate([data.weight, data.weight]))
+    lengths = tree.lengths()
+    prob = _Problem(tree, name, PAIRED_LOSSES[name], kwargs, c, r, data.weight, ref.ravel(), log_pi_ref,
+                    lengths[data.chosen], lengths[data.rejected], tree.P * tree.n_leaves)
+    # validate the loss's own arguments (beta > 0, label smoothing in [0, 0.5), ...) up front
+    prob.evaluate(prob.ref.copy())
+    return prob
+
+
+def preference_objective(policy_class, theta, data: PreferenceData, log_pi_ref, loss: str = "sigmoid",
+                         **loss_kwargs) -> tuple[float, np.ndarray]:
+    r"""Any paired preference loss over a policy class, and its exact gradient in ``theta``.
+
+    .. math::
+        L(\theta) = \sum_m w_m \ell(\log P_\theta(\xi^+_m), \log P_\theta(\xi^-_m); \log P_{ref}),
+        \qquad \nabla_\theta L = \sum_{\xi} g(\xi)\, \nabla_\theta \log P_\theta(\xi),
+
+    with ``g`` the loss's per-triple gradients scattered onto leaves (``np.bincount``) and pulled
+    back by ``policy_class.leaf_logprobs_vjp`` (Tang et al. 2024, arXiv:2402.05749, eq. 4, for
+    the GPO family; the variants' sources are in :mod:`toyrlhf.losses`).
+
+    Parameters
+    ----------
+    policy_class : TabularPolicy, LogLinearPolicy, ...
+    theta : (d,) parameters
+    data : PreferenceData
+    log_pi_ref : tuple of (P, V**h, V) reference conditionals
+    loss : str
+        A key of :data:`PAIRED_LOSS_NAMES` (``"sigmoid"`` is DPO).
+    **loss_kwargs
+        The loss's own arguments (``beta``, ``tau``, ``label_smoothing``, ``reference_free``,
+        ``gamma``, ``lam``, ``alpha``).  Weights come from ``data`` and lengths from
+        ``tree.lengths()``.
+
+    Returns
+    -------
+    loss : float
+    grad : (d,) ndarray
+
+    Examples
+    --------
+    >>> from toyrlhf import TokenTree, TabularPolicy, uniform_policy, preference_pairs
+    >>> tree = TokenTree(V=2, H=1); ref = uniform_policy(tree)
+    >>> val, g = preference_objective(TabularPolicy(tree, ref), np.zeros(2), preference_pairs([0], [0], [1]), ref, "sigmoid", beta=1.0)
+    >>> round(val, 6), g.round(6).tolist()  # log 2; d/dlogit = -sigma(0) * (1 - pi) per side
+    (0.693147, [-0.5, 0.5])
+    """
+    prob = _problem(data, policy_class, log_pi_ref, loss, loss_kwargs)
+    return _objective(prob, policy_class, theta)
+
+
+def _objective(prob: _Problem, policy_class, theta) -> tuple[float, np.ndarray]:
+    log_pi = policy_class.conditionals(theta)
+    lp = leaf_logprobs(prob.tree, log_pi).ravel()
+    val, g = prob.evaluate(lp)
+    return val, policy_class.leaf_logprobs_vjp(theta, g.reshape(prob.tree.P, prob.tree.n_leaves), log_pi=log_pi)
+
+
+# ====================================================================== attainment
+def _asymptotics(name: str, kwargs: dict):
+    """``(kind, c_plus, c_minus)`` of a rho-only loss (module table); kind 'probe' otherwise."""
+    inf = np.inf
+    if name in ("sigmoid", "logistic"):
+        e = float(kwargs.get("label_smoothing", 0.0))
+        return "lp", e, 1.0 - e
+    if name == "rpo":
+        return ("lp", 0.0, 1.0) if float(kwargs.get("alpha", 0.0)) == 0.0 else ("probe", None, None)
+    if name == "robust":
+        e = float(kwargs.get("label_smoothing", 0.0))
+        return "lp", -e / (1 - 2 * e), (1 - e) / (1 - 2 * e)
+    if name == "exponential":
+        return "lp", 0.0, inf
+    if name == "savage":
+        return "separable", 0.0, inf
+    if name in ("squared", "ipo"):
+        return "coercive", inf, inf
+    if name in ("hinge", "truncated_quadratic"):
+        return "polyhedral", None, None
+    return "probe", None, None
+
+
+def _design(c: np.ndarray, r: np.ndarray, keep: np.ndarray):
+    """Sparse margin design ``e_c - e_r`` over the compressed set of data leaves."""
+    cols, inv = np.unique(np.concatenate([c[keep], r[keep]]), return_inverse=True)
+    k = int(keep.sum())
+    rows = np.concatenate([np.arange(k), np.arange(k)])
+    vals = np.concatenate([np.ones(k), -np.ones(k)])
+    D = sparse.csr_array((vals, (rows, inv)), shape=(k, cols.size))
+    return D, cols
+
+
+def _max_separation(D, tol: float = 1e-9):
+    """A direction ``v`` with ``D v >= 0`` that separates *every* separable row, or ``None``.
+
+    ``max sum_m z_m`` s.t. ``0 <= z_m <= (D v)_m``, ``z_m <= 1``, ``D v >= 0``.  The achievable
+    ``D v >= 0`` form a convex cone, so sums of directions separating single rows separate them
+    all: at the optimum ``(D v)_m >= 1`` exactly on the maximal separable set.  Decides the same
+    question as :func:`toyrlhf.projections.separation_direction` (Albert & Anderson 1984).
+    """
+    M, n = D.shape
+    I = sparse.identity(M, format="csr")
+    A_ub = sparse.vstack([sparse.hstack([-D, I]), sparse.hstack([-D, sparse.csr_array((M, M))])]).tocsr()
+    b_ub = np.zeros(2 * M)
+    cost = np.concatenate([np.zeros(n), -np.ones(M)])
+    res = optimize.linprog(cost, A_ub=A_ub, b_ub=b_ub, bounds=[(None, None)] * n + [(0, 1)] * M, method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"separation linear program failed: {res.message}")
+    if -res.fun <= tol:
+        return None
+    return res.x[:n]
+
+
+def _recession_lp(D, w: np.ndarray, c_plus: float, c_minus: float, tol: float = 1e-9):
+    """Minimise the recession ``sum w (c+ t+ + c- t-)`` over ``t = D v``, ``sum |t| = 1``.
+
+    Returns ``(value, v)``: ``v`` is a direction along which the loss does not increase
+    asymptotically (``value <= tol``: the optimum is not attained; ``value < 0``: the loss is
+    unbounded below), or ``None`` when every direction costs (attained).  Infinite slopes forbid
+    the corresponding sign.  HiGHS via :func:`scipy.optimize.linprog`.
+    """
+    M, n = D.shape
+    cp = np.where(np.isinf(c_plus), 0.0, c_plus) * w
+    cm = np.where(np.isinf(c_minus), 0.0, c_minus) * w
+    cost = np.concatenate([np.zeros(n), cp, cm])
+    I = sparse.identity(M, format="csr")
+    A_eq = sparse.vstack([sparse.hstack([D, -I, I]), sparse.csr_array(np.concatenate([np.zeros(n), np.ones(2 * M)])[None])]).tocsr()
+    b_eq = np.concatenate([np.zeros(M), [1.0]])
+    bounds = [(None, None)] * n + [(0, 0 if np.isinf(c_plus) else None)] * M + [(0, 0 if np.isinf(c_minus) else None)] * M
+    res = optimize.linprog(cost, A_eq=A_eq, b_eq=b_eq, bounds=bounds, method="highs")
+    if res.status == 2:  # infeasible: no achievable direction of the allowed signs
+        return np.inf, None
+    if res.status != 0:
+        raise RuntimeError(f"attainment linear program failed: {res.message}")
+    if res.fun > tol:
+        return float(res.fun), None
+    return float(res.fun), res.x[:n]
+
+
+#: Nats by which :func:`fit_preference_loss` separates, in its returned point, the completions a
+#: non-attained tabular optimum sends to zero (see :func:`_push_to_limit`).
+LIMIT_NATS = 40.0
+
+
+def _push_to_limit(prob: _Problem, policy_class, theta, D, cols, v, keep):
+    """Move a tabular policy along a recession direction to represent the limit policy.
+
+    The data completions' log-probs are shifted by ``s v`` with the smallest ``s >= 0`` that gives
+    every margin the direction increases ``rho >= LIMIT_NATS`` and ``beta rho >= LIMIT_NATS``
+    (completions sent to zero end up ``e^-40`` below, the loss within ``e^-40`` of its limit).
+    Other leaves keep their log-probs; the result is renormalised within the class.
+    """
+    tree = prob.tree
+    lp = policy_class.leaf_logprobs(theta).ravel()
+    t = D @ v
+    rho = prob.rho(lp)[keep]
+    beta = float(prob.kwargs.get("beta", 1.0))
+    target = LIMIT_NATS * max(1.0, 1.0 / beta)
+    sel = t > 1e-6 * np.max(np.abs(t))
+    s = max(0.0, float(np.max((target - rho[sel]) / t[sel]))) if sel.any() else 0.0
+    lp_new = lp.copy()
+    lp_new[cols] += s * v
+    base = leaf_logprobs(tree, policy_class.log_pi_base).ravel()
+    ok = np.isfinite(base) & np.isfinite(lp_new)
+    reward = np.where(ok, lp_new - np.where(ok, base, 0.0), 0.0).reshape(tree.P, tree.n_leaves)
+    sol = soft_optimal_policy(tree, policy_class.log_pi_base, reward, 1.0)  # P ∝ P_base e^{lp_new - base}
+    return policy_class.theta_from_policy(sol.log_pi)
+
+
+def _is_tabular_exact(policy_class, prob: _Problem, keep: np.ndarray) -> bool:
+    """Tabular class that gives positive probability to every data completion (so any u is reachable)."""
+    if not isinstance(policy_class, TabularPolicy):
+        return False
+    base = leaf_logprobs(prob.tree, policy_class.log_pi_base).ravel()
+    return not (np.isneginf(base[prob.c[keep]]).any() or np.isneginf(base[prob.r[keep]]).any())
+
+
+def _leaf_direction(tree: TokenTree, cols: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """LP direction on the data's leaves as a unit ``(P, N)`` array, centred per prompt.
+
+    Per-prompt constants do not change any margin, so each prompt's entries are centred over its
+    data leaves (zero elsewhere).
+    """
+    prompt = cols // tree.n_leaves
+    mean = np.bincount(prompt, v, minlength=tree.P) / np.maximum(np.bincount(prompt, minlength=tree.P), 1)
+    out = np.zeros(tree.P * tree.n_leaves)
+    out[cols] = v - mean[prompt]
+    n = np.linalg.norm(out)
+    return (out / n if n > 0 else out).reshape(tree.P, tree.n_leaves)
+
+
+# ====================================================================== solvers
+def _lbfgs(fun, theta0, gtol, maxiter, ftol):
+    return optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B",
+                             options={"gtol": gtol, "ftol": ftol, "maxiter": maxiter, "maxcor": _MAXCOR})
+
+
+def _drift_probe(fun, leaf_fn, theta, tol, maxiter):
+    """Continue the minimisation to ``tol * 1e-3`` and measure the drift of leaf log-probs."""
+    lp1 = leaf_fn(theta)
+    res = _lbfgs(fun, theta, tol * _PROBE_FACTOR, maxiter, 0.0)
+    lp2 = leaf_fn(res.x)
+    both = np.isfinite(lp1) & np.isfinite(lp2)
+    d = np.where(both, lp2 - lp1, 0.0)
+    return res, d
+
+
+def _hinge_tabular_lp(prob: _Problem, policy_class, keep):
+    """Exact hinge minimiser over the tabular class: an LP in the leaf log-ratios ``u``.
+
+    ``min sum w s`` s.t. ``s >= 1 - beta (D u + off)``, ``s >= 0``, ``u`` free; the policy is then
+    ``P_ref exp(u) / Z`` on the data's completions.  Written in the class's own base,
+    ``P_base exp(u + log P_ref - log P_base) / Z`` (the soft-optimal policy of that reward with
+    respect to the base), it is a member of the class with the same log-ratio differences.
+    """
+    beta = float(prob.kwargs["beta"])
+    D, cols = _design(prob.c, prob.r, keep)
+    M, n = D.shape
+    off = np.zeros(M)
+    if prob.kwargs.get("reference_free", False):
+        off = prob.ref[prob.c[keep]] - prob.ref[prob.r[keep]]
+    A = sparse.hstack([-beta * D, -sparse.identity(M, format="csr")]).tocsr()
+    cost = np.concatenate([np.zeros(n), prob.w[keep]])
+    res = optimize.linprog(cost, A_ub=A, b_ub=-(1.0 - beta * off), bounds=[(None, None)] * n + [(0, None)] * M, method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"hinge linear program failed: {res.message}")
+    tree = prob.tree
+    base = leaf_logprobs(tree, policy_class.log_pi_base).ravel()
+    shift = np.zeros(tree.P * tree.n_leaves)
+    shift[cols] = res.x[:n] + prob.ref[cols] - base[cols]
+    sol = soft_optimal_policy(tree, policy_class.log_pi_base, beta * shift.reshape(tree.P, tree.n_leaves), beta)
+    return policy_class.theta_from_policy(sol.log_pi)
+
+
+def fit_preference_loss(
+    data: PreferenceData,
+    policy_class,
+    log_pi_ref,
+    loss: str = "sigmoid",
+    *,
+    theta0=None,
+    tol: float = 1e-10,
+    maxiter: int = 5000,
+    drift_tol: float = 0.1,
+    warn: bool = True,
+    **loss_kwargs,
+) -> OfflineFit:
+    r"""Minimise any paired preference loss exactly over a policy class.
+
+    .. math:: \hat\theta = \arg\min_\theta \sum_m w_m \ell(\log P_\theta(\xi^+_m), \log P_\theta(\xi^-_m);
+              \log P_{ref}(\xi^\pm_m))
+
+    on a finite dataset (empirical weights) or its population limit (exact weights): the
+    offline objective ``E_mu[f(beta rho_theta)]`` of Tang et al. 2024 (arXiv:2402.05749, eq. 4)
+    and its variants (see :mod:`toyrlhf.losses`).  Deterministic L-BFGS from ``theta0``
+    (default: the class's base policy) to gradient tolerance ``tol`` on
+    :func:`preference_objective`; the hinge over a tabular class is solved exactly as a linear
+    program in the leaf log-ratios instead (L-BFGS is not reliable on a polyhedral loss).
+
+    Attainment is decided as in the module table: an exact LP for the tabular class and losses
+    of ``rho`` only, a numerical drift probe otherwise.  When the optimum is not attained,
+    ``attained=False``, ``recession`` holds a direction of decrease, and a
+    :class:`~toyrlhf.projections.NotAttainedWarning` is emitted (unless ``warn=False``).  Over a
+    tabular class the returned point then *represents the limit*: the L-BFGS point is moved along
+    the LP direction (which separates every separable triple) until each margin it increases has
+    ``rho >= LIMIT_NATS`` and ``beta rho >= LIMIT_NATS`` (40 nats), and the rest is re-polished,
+    so completions the limit sends to zero have relative probability below ``e^-40`` whatever
+    ``beta`` is.
+
+    Parameters
+    ----------
+    data : PreferenceData
+    policy_class : TabularPolicy, LogLinearPolicy, ...
+    log_pi_ref : tuple of (P, V**h, V)
+        Reference conditionals; every data completion must have ``P_ref > 0``.
+    loss : str
+        A key of :data:`PAIRED_LOSS_NAMES`; ``"sigmoid"`` is DPO.
+    theta0 : (d,), optional
+    tol : float
+        L-BFGS gradient tolerance (infinity norm).
+    maxiter : int
+    drift_tol : float
+        Nats of leaf log-probability drift above which the probe declares non-attainment.
+    warn : bool
+    **loss_kwargs
+        The loss's arguments (``beta``, ``tau``, ``label_smoothing``, ``reference_free``, ...).
+
+    Returns
+    -------
+    OfflineFit
+
+    Examples
+    --------
+    IPO with deterministic preferences keeps a finite optimum, ``rho = 1/(2 tau)``
+    (Azar et al. 2023, arXiv:2310.12036, Sec. 5):
+
+    >>> from toyrlhf import TokenTree, TabularPolicy, uniform_policy, preference_pairs
+    >>> tree = TokenTree(V=2, H=1); ref = uniform_policy(tree)
+    >>> fit = fit_preference_loss(preference_pairs([0], [0], [1]), TabularPolicy(tree, ref), ref, "ipo", tau=0.25)
+    >>> fit.attained, round(float(fit.rho[0]), 8)
+    (True, 2.0)
+    """
+    prob = _problem(data, policy_class, log_pi_ref, loss, loss_kwargs)
+    tol = _check_positive_float("tol", tol)
+    maxiter = _check_int("maxiter", maxiter, 1)
+    drift_tol = _check_positive_float("drift_tol", drift_tol)
+    theta = _theta0(policy_class, theta0)
+    tree = prob.tree
+    keep = prob.w > 0
+    kind, c_plus, c_minus = _asymptotics(prob.name, prob.kwargs)
+    tabular = _is_tabular_exact(policy_class, prob, keep)
+    how = kind if tabular else "probe"
+
+    def fun(t):
+        return _objective(prob, policy_class, t)
+
+    def leaf_fn(t):
+        return policy_class.leaf_logprobs(t).ravel()
+
+    n_iter, success, recession, attained, unbounded = 0, True, None, True, False
+    exact_lp = prob.name == "hinge" and tabular
+    lp_dir = None
+    if tabular and kind in ("lp", "separable"):
+        D, cols = _design(prob.c, prob.r, keep)
+        if c_plus == 0.0 and c_minus > 0.0:
+            # strictly decreasing losses with infimum at +inf: not attained iff separable
+            # (Albert & Anderson 1984); the direction separates every separable triple
+            value, v = 0.0, _max_separation(D)
+        else:
+            value, v = _recession_lp(D, prob.w[keep], c_plus, c_minus)
+        if v is not None:
+            attained, how, lp_dir = False, "lp", (D, cols, v)
+            recession = _leaf_direction(tree, cols, v)
+            unbounded = value < -1e-9
+        elif kind == "separable":
+            how = "probe"
+        else:
+            how = "lp"
+    if exact_lp:
+        theta = _hinge_tabular_lp(prob, policy_class, keep)
+    elif not unbounded:  # an unbounded-below loss has no minimiser to run to
+        res = _lbfgs(fun, theta, tol, maxiter, 1e-15 if how != "probe" else 0.0)
+        theta, n_iter, success = res.x, int(res.nit), bool(res.success)
+    else:
+        success = False
+    if lp_dir is not None:
+        # represent the limit: move along the recession direction until the completions it
+        # separates are e^-_LIMIT_NATS apart, then polish the rest
+        theta = _push_to_limit(prob, policy_class, theta, *lp_dir, keep)
+        if not unbounded:
+            res = _lbfgs(fun, theta, tol, maxiter, 1e-15)
+            theta, n_iter = res.x, n_iter + int(res.nit)
+    if how == "probe":
+        res2, drift = _drift_probe(fun, leaf_fn, theta, tol, maxiter)
+        theta, n_iter = res2.x, n_iter + int(res2.nit)
+        success = success or bool(res2.success)
+        if np.max(np.abs(drift), initial=0.0) > drift_tol:
+            attained = False
+            recession = (drift / np.linalg.norm(drift)).reshape(tree.P, tree.n_leaves)
+    log_pi = policy_class.conditionals(theta)
+    lp = leaf_logprobs(tree, log_pi)
+    val, g = prob.evaluate(lp.ravel())
+    grad = policy_class.leaf_logprobs_vjp(theta, g.reshape(tree.P, tree.n_leaves), log_pi=log_pi)
+    gnorm = 0.0 if exact_lp else float(np.linalg.norm(grad))
+    converged = exact_lp or (not unbounded and (success or float(np.max(np.abs(grad), initial=0.0)) <= 10 * tol))
+    if not attained and warn:
+        what = "unbounded below" if unbounded else "not attained by finite parameters"
+        warnings.warn(
+            f"fit_preference_loss({prob.name!r}): the optimum is {what} (decided by {how}); "
+            "the returned policy represents the limit along fit.recession",
+            NotAttainedWarning,
+            stacklevel=2,
+        )
+    return OfflineFit(theta, log_pi, lp, val, bool(attained), bool(converged), n_iter,
+                      loss_name=prob.name, rho=prob.rho(lp.ravel()), recession=recession,
+                      attainment="polyhedral" if exact_lp else how, grad_norm=gnorm)
+
+
+# ====================================================================== KTO
+def kto_objective(policy_class, theta, data: UnpairedData, log_pi_ref, *, beta: float, z_ref: float = 0.0,
+                  lambda_D: float = 1.0, lambda_U: float = 1.0) -> tuple[float, np.ndarray]:
+    r"""KTO loss over a policy class and its gradient in ``theta``.
+
+    .. math:: L(\theta) = \sum_m w_m\big(\lambda_{y_m} - v(y_m)\big), \quad
+              v(y) = \lambda_D\sigma(\beta(r_\theta(y) - z_{ref}))\ \text{or}\
+              \lambda_U\sigma(\beta(z_{ref} - r_\theta(y))),
+
+    ``r_theta = log P_theta - log P_ref`` (Ethayarajh et al. 2024, arXiv:2402.01306, Sec. 4;
+    ``z_ref`` a constant reference point, see :func:`toyrlhf.losses.kto_loss`).
+    """
+    tree, flat, ref = _kto_setup(data, policy_class, log_pi_ref)
+    return _kto_eval(tree, policy_class, theta, data, flat, ref, dict(beta=beta, z_ref=z_ref, lambda_D=lambda_D, lambda_U=lambda_U))
+
+
+def _kto_setup(data, policy_class, log_pi_ref):
+    if not isinstance(data, UnpairedData):
+        raise TypeError(f"data must be an UnpairedData (see unpaired_from_preferences), got {type(data).__name__}")
+    tree = _check_class(policy_class)
+    data.check_tree(tree)
+    flat = data.flat_indices(tree)
+    ref = _ref_leaf_logp(tree, log_pi_ref, flat, data.weight).ravel()
+    return tree, flat, ref
+
+
+def _kto_eval(tree, policy_class, theta, data, flat, ref, kw):
+    log_pi = policy_class.conditionals(theta)
+    lp = leaf_logprobs(tree, log_pi).ravel()
+    if np.any(np.isneginf(lp[flat]) & (data.weight > 0)):
+        raise ValueError("the policy gives probability zero to a completion in the data")
+    val = kto_loss(lp[flat], ref[flat], data.desirable, weights=data.weight, **kw)
+    g = np.bincount(flat, val.grad, minlength=tree.P * tree.n_leaves).reshape(tree.P, tree.n_leaves)
+    return float(val.loss), policy_class.leaf_logprobs_vjp(theta, g, log_pi=log_pi)
+
+
+def fit_kto(
+    data: UnpairedData,
+    policy_class,
+    log_pi_ref,
+    *,
+    beta: float,
+    z_ref: float = 0.0,
+    lambda_D: float = 1.0,
+    lambda_U: float = 1.0,
+    theta0=None,
+    tol: float = 1e-10,
+    maxiter: int = 5000,
+    drift_tol: float = 0.1,
+    warn: bool = True,
+) -> OfflineFit:
+    r"""Minimise the KTO loss exactly over a policy class on unpaired weighted data.
+
+    :func:`kto_objective` by deterministic L-BFGS (Ethayarajh et al. 2024, arXiv:2402.01306,
+    Sec. 4).  KTO's value function is a sigmoid of the log-ratio, so the loss is bounded; over
+    the tabular class a desirable completion's log-ratio is capped at ``-log P_ref`` while a
+    (net) undesirable one can be sent to ``-inf``, which is how KTO's optimum typically fails to
+    be attained.  Attainment is decided by the numerical drift probe (see the module notes).
+
+    Examples
+    --------
+    >>> from toyrlhf import TokenTree, TabularPolicy, uniform_policy
+    >>> tree = TokenTree(V=2, H=1); ref = uniform_policy(tree)
+    >>> data = UnpairedData(np.array([0, 0]), np.array([0, 1]), np.array([True, True]), np.array([0.5, 0.5]))
+    >>> fit = fit_kto(data, TabularPolicy(tree, ref), ref, beta=1.0)
+    >>> fit.attained, np.exp(fit.leaf_logp).round(6).tolist()  # symmetric: stays at pi_ref
+    (True, [[0.5, 0.5]])
+    """
+    tree, flat, ref = _kto_setup(data, policy_class, log_pi_ref)
+    kw = dict(beta=beta, z_ref=z_ref, lambda_D=lambda_D, lambda_U=lambda_U)
+    tol = _check_positive_float("tol", tol)
+    maxiter = _check_int("maxiter", maxiter, 1)
+    drift_tol = _check_positive_float("drift_tol", drift_tol)
+    theta = _theta0(policy_class, theta0)
+    _kto_eval(tree, policy_class, theta, data, flat, ref, kw)  # validates beta, z_ref, lambdas
+
+    def fun(t):
+        return _kto_eval(tree, policy_class, t, data, flat, ref, kw)
+
+    res = _lbfgs(fun, theta, tol, maxiter, 0.0)
+    res2, drift = _drift_probe(fun, lambda t: policy_class.leaf_logprobs(t).ravel(), res.x, tol, maxiter)
+    theta = res2.x
+    attained = not np.max(np.abs(drift), initial=0.0) > drift_tol
+    recession = None if attained else (drift / np.linalg.norm(drift)).reshape(tree.P, tree.n_leaves)
+    val, grad = fun(theta)
+    log_pi = policy_class.conditionals(theta)
+    lp = leaf_logprobs(tree, log_pi)
+    converged = bool(res.success or res2.success) or float(np.max(np.abs(grad), initial=0.0)) <= 10 * tol
+    if not attained and warn:
+        warnings.warn("fit_kto: the KTO optimum is not attained by finite parameters (decided by the drift probe); "
+                      "the returned policy is where the optimiser stopped", NotAttainedWarning, stacklevel=2)
+    return OfflineFit(theta, log_pi, lp, val, bool(attained), converged, int(res.nit + res2.nit),
+                      loss_name="kto", rho=None, recession=recession, attainment="probe", grad_norm=float(np.linalg.norm(grad)))
+
+
+# ====================================================================== minibatch training
+def expected_reward(tree: TokenTree, leaf_logp, reward) -> float:
+    """``E_{s0 ~ rho0} E_{xi ~ P_pi(.|s0)} r(xi)`` from leaf log-probs ``(P, N)`` (``-inf`` allowed)."""
+    lp = np.asarray(leaf_logp, dtype=float)
+    r = tree.check_leaf_array("reward", reward)
+    with np.errstate(under="ignore"):
+        p = np.exp(lp)
+    return tree.average((p * r).sum(axis=1))
+
+
+_OPTIMIZERS = ("adam", "sgd")
+
+
+def train_preference_loss(
+    data: PreferenceData,
+    policy_class,
+    log_pi_ref,
+    loss: str = "sigmoid",
+    *,
+    optimizer: str = "adam",
+    lr: float = 1e-2,
+    steps: int = 1000,
+    batch_size: int | None = None,
+    rng: np.random.Generator | None = None,
+    gold_reward=None,
+    proxy_reward=None,
+    theta0=None,
+    adam_betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
+    record_params: bool = False,
+    **loss_kwargs,
+) -> Trajectory:
+    r"""Train a policy class on a preference loss with minibatch Adam or SGD, recording exact diagnostics.
+
+    At step ``t`` a minibatch of ``batch_size`` triples is drawn i.i.d. from the data's weights
+    with ``rng`` (all steps' indices are drawn up front, one vectorised call) and the update is
+
+    .. math:: \theta_{t+1} = \theta_t - \eta\, \widehat{\nabla} L_B(\theta_t)
+
+    for ``"sgd"``, or Adam (Kingma & Ba 2015, arXiv:1412.6980, Algorithm 1) with bias-corrected
+    moments.  ``batch_size=None`` uses the whole weighted dataset (exact gradient descent).  The
+    only Python loop is over steps.
+
+    Recorded at every step (see :class:`Trajectory`): the full-data loss, the exact
+    ``E_rho0 KL(P_pi || P_ref)`` (:func:`~toyrlhf.policies.sequence_kl` averaged with
+    ``tree.average``), the gold and proxy expected rewards, the data-weighted mean log-probs of
+    chosen and rejected completions (likelihood displacement shows as both falling; Razin et al.
+    2024, arXiv:2410.08847), and ``E[rho]``, ``E[rho^2]`` for the Taylor view.
+
+    Raises
+    ------
+    TrainingDivergedError
+        If the loss, the gradient, the leaf log-probabilities or the parameters become NaN or
+        infinite; the message and ``.step`` name the step.  Nothing non-finite is returned.
+
+    Examples
+    --------
+    >>> from toyrlhf import TokenTree, TabularPolicy, uniform_policy, preference_pairs
+    >>> tree = TokenTree(V=2, H=1); ref = uniform_policy(tree)
+    >>> tr = train_preference_loss(preference_pairs([0], [0], [1]), TabularPolicy(tree, ref), ref, "ipo",
+    ...                            optimizer="sgd", lr=0.1, steps=200, tau=0.5)
+    >>> round(float(tr.rho_mean[-1]), 6)  # the IPO target 1/(2 tau)
+    1.0
+    """
+    prob = _problem(data, policy_class, log_pi_ref, loss, loss_kwargs)
+    tree = prob.tree
+    if not isinstance(optimizer, str) or optimizer not in _OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
+    lr = _check_positive_float("lr", lr)
+    steps = _check_int("steps", steps, 1)
+    if batch_size is not None:
+        batch_size = _check_int("batch_size", batch_size, 1)
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator when batch_size is set, got {type(rng).__name__}")
+    elif rng is not None and not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator or None, got {type(rng).__name__}")
+    b1, b2 = (float(x) for x in adam_betas)
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError(f"adam_betas must lie in [0, 1), got {adam_betas!r}")
+    adam_eps = _check_positive_float("adam_eps", adam_eps)
+    gold = None if gold_reward is None else tree.check_leaf_array("gold_reward", gold_reward)
+    proxy = None if proxy_reward is None else tree.check_leaf_array("proxy_reward", proxy_reward)
+    log_pi_ref = tree.check_levels("log_pi_ref", log_pi_ref)
+    theta = _theta0(policy_class, theta0).copy()
+
+    batches = None
+    if batch_size is not None:
+        batches = rng.choice(len(prob.w), size=(steps, batch_size), p=prob.w / prob.w.sum())
+
+    T = steps
+    rec = {k: np.empty(T + 1) for k in ("loss", "kl", "lc", "lr", "rm", "r2")}
+    rec_gold = None if gold is None else np.empty(T + 1)
+    rec_proxy = None if proxy is None else np.empty(T + 1)
+    batch_loss = np.empty(T)
+    hist = np.empty((T + 1, theta.size)) if record_params else None
+    m = np.zeros_like(theta)
+    v = np.zeros_like(theta)
+    w = prob.w
+    P, N = tree.P, tree.n_leaves
+
+    def fail(t, what):
+        raise TrainingDivergedError(f"train_preference_loss({prob.name!r}): {what} became non-finite (NaN or inf) "
+                                    f"at step {t} of {T}; lower lr or check the loss", t)
+
+    quiet = dict(over="ignore", invalid="ignore", divide="ignore", under="ignore")
+    for t in range(T + 1):
+        with np.errstate(**quiet):
+            try:
+                log_pi = policy_class.conditionals(theta)
+            except ValueError:
+                if t == 0:
+                    raise
+                fail(t, "the policy's logits")
+            lp2 = leaf_logprobs(tree, log_pi)
+        if np.isnan(lp2).any() or np.any(lp2 == np.inf):
+            fail(t, "the leaf log-probabilities")
+        lp = lp2.ravel()
+        if t > 0 and not (np.all(np.isfinite(lp[prob.c])) and np.all(np.isfinite(lp[prob.r]))):
+            fail(t, "a data completion's log-probability")
+        with np.errstate(**quiet):
+            full_loss, g_full = prob.evaluate(lp)
+        if not np.isfinite(full_loss):
+            fail(t, "the loss")
+        rho = prob.rho(lp)
+        rec["loss"][t] = full_loss
+        rec["kl"][t] = tree.average(sequence_kl(tree, log_pi, log_pi_ref))
+        rec["lc"][t] = np.dot(w, lp[prob.c])
+        rec["lr"][t] = np.dot(w, lp[prob.r])
+        rec["rm"][t] = np.dot(w, rho)
+        rec["r2"][t] = np.dot(w, rho * rho)
+        if gold is not None:
+            rec_gold[t] = expected_reward(tree, lp2, gold)
+        if proxy is not None:
+            rec_proxy[t] = expected_reward(tree, lp2, proxy)
+        if hist is not None:
+            hist[t] = theta
+        if t == T:
+            break
+        if batches is None:
+            bl, g_leaf = full_loss, g_full
+        else:
+            with np.errstate(**quiet):
+                bl, g_leaf = prob.evaluate(lp, batches[t])
+        with np.errstate(**quiet):
+            grad = policy_class.leaf_logprobs_vjp(theta, g_leaf.reshape(P, N), log_pi=log_pi)
+        if not np.isfinite(bl):
+            fail(t, "the minibatch loss")
+        if not np.all(np.isfinite(grad)):
+            fail(t, "the gradient")
+        batch_loss[t] = bl
+        with np.errstate(**quiet):
+            if optimizer == "sgd":
+                theta = theta - lr * grad
+            else:
+                m = b1 * m + (1 - b1) * grad
+                v = b2 * v + (1 - b2) * grad * grad
+                mh = m / (1 - b1 ** (t + 1))
+                vh = v / (1 - b2 ** (t + 1))
+                theta = theta - lr * mh / (np.sqrt(vh) + adam_eps)
+        if not np.all(np.isfinite(theta)):
+            fail(t, "the parameters")
+    return Trajectory(
+        step=np.arange(T + 1), loss=rec["loss"], batch_loss=batch_loss, kl=rec["kl"], gold=rec_gold, proxy=rec_proxy,
+        logp_chosen=rec["lc"], logp_rejected=rec["lr"], rho_mean=rec["rm"], rho_sq_mean=rec["r2"],
+        params=theta, params_history=hist, loss_name=prob.name, optimizer=optimizer, lr=lr,
+        batch_size=0 if batch_size is None else batch_size,
+    )
+
+
+# ====================================================================== Taylor view
+def offline_taylor_terms(data: PreferenceData, leaf_logp, leaf_logp_ref, f: str, beta: float) -> TaylorTerms:
+    r"""Preference-optimisation and offline-regularisation terms of a policy on a dataset.
+
+    .. math:: \mathbb{E}_\mu[f(\beta\rho_\theta)] \approx f(0)
+              + \underbrace{f'(0)\,\beta\,\mathbb{E}_\mu[\rho_\theta]}_{\text{preference optimisation}}
+              + \underbrace{\tfrac{f''(0)}{2}\,\beta^2\,\mathbb{E}_\mu[\rho_\theta^2]}_{\text{offline regularisation}}
+
+    Tang et al. 2024, "Generalized Preference Optimization", arXiv:2402.05749, Sec. 4 (slides
+    002, "Understanding the trade-offs"), evaluated with :func:`toyrlhf.losses.taylor_terms` on
+    the data's ``rho`` under the policy ``leaf_logp`` (e.g. ``fit.leaf_logp``).
+
+    Parameters
+    ----------
+    data : PreferenceData
+    leaf_logp, leaf_logp_ref : (P, N) sequence log-probs of the policy and the reference
+    f : str
+        A GPO member (``"logistic"``, ``"squared"``, ``"hinge"``, ...).
+    beta : float > 0
+
+    Returns
+    -------
+    TaylorTerms
+        ``(constant, preference, regularisation)``.
+    """
+    if not isinstance(data, PreferenceData):
+        raise TypeError(f"data must be a PreferenceData, got {type(data).__name__}")
+    lp = np.asarray(leaf_logp, dtype=float)
+    lq = np.asarray(leaf_logp_ref, dtype=float)
+    if lp.ndim != 2 or lp.shape != lq.shape:
+        raise ValueError(f"leaf_logp and leaf_logp_ref must be (P, N) arrays of the same shape, got {lp.shape} and {lq.shape}")
+    N = lp.shape[1]
+    if data.prompt.max() >= lp.shape[0] or max(data.chosen.max(), data.rejected.max()) >= N:
+        raise ValueError(f"data indices fall outside leaf arrays of shape {lp.shape}")
+    c = data.prompt * N + data.chosen
+    r = data.prompt * N + data.rejected
+    pos = data.weight > 0
+    lpf, lqf = lp.ravel(), lq.ravel()
+    vals = np.concatenate([lpf[c[pos]], lpf[r[pos]], lqf[c[pos]], lqf[r[pos]]])
+    if not np.all(np.isfinite(vals)):
+        raise ValueError("rho is infinite on the data (a data completion has probability 0 under the policy or the reference)")
+    rho = np.zeros(len(data))
+    rho[pos] = (lpf[c[pos]] - lqf[c[pos]]) - (lpf[r[pos]] - lqf[r[pos]])
+    return taylor_terms(f, beta, rho, data.weight)
+
+
+def trajectory_taylor_terms(traj: Trajectory, f: str, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step ``(preference, regularisation)`` Taylor terms of a :class:`Trajectory`.
+
+    ``f'(0) beta E[rho_t]`` and ``f''(0)/2 beta^2 E[rho_t^2]`` (Tang et al. 2024,
+    arXiv:2402.05749, Sec. 4) from the recorded data moments.
+    """
+    if not isinstance(traj, Trajectory):
+        raise TypeError(f"traj must be a Trajectory, got {type(traj).__name__}")
+    t0 = taylor_terms(f, beta, [1.0])  # coefficients: preference = f'(0) beta, regularisation = f''(0)/2 beta^2
+    return t0.preference * traj.rho_mean, t0.regularisation * traj.rho_sq_mean
+
