@@ -402,3 +402,14 @@ def test_dpo_reports_non_attainment_for_deterministic_preferences():
     with pytest.warns(NotAttainedWarning):
         fit = dpo(data, LogLinearPolicy(tree, ref, position_token_features(tree)), ref, 1.0)
     assert not fit.attained
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 10.0])
+def test_dpo_log_linear_deterministic_pair_not_attained(beta):
+    """y1 > y2 always, next-token features: the margin can grow without bound, for every beta."""
+    tree = TokenTree(V=2, H=1)
+    ref = uniform_policy(tree)
+    with pytest.warns(NotAttainedWarning):
+        fit = dpo(preference_pairs([0], [0], [1]), LogLinearPolicy(tree, ref, next_token_features(tree)), ref, beta)
+    assert not fit.attained
+    assert np.exp(fit.leaf_logp[0, 1]) < 1e-3

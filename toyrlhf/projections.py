@@ -94,10 +94,12 @@ def _lse_last(z: np.ndarray) -> np.ndarray:
     Rows need one finite entry; ``-inf`` entries contribute zero.
     """
     # NumPy reductions over a short last axis are slow, so this works column by column:
-    # max, exp(z - max), sum, then one log per row.  Rows go in blocks of about 64K values
-    # (512 KiB) so that the 2V + 3 passes over a block hit L2 cache instead of streaming the
-    # whole array from memory once per column.  Same operations in the same order as the
-    # unblocked loop, so the result is bitwise identical to it.
+    # max, exp(z - max), sum, then one log per row.  Rows go in blocks of 64K values
+    # (512 KiB) so that the passes over a block hit L2 cache instead of streaming the whole
+    # array from memory once per column.  exp's SIMD loop drops to a slow path (4x here) on
+    # vectors holding -inf or arguments that underflow, so z - max is clamped at -700 first:
+    # exp(-700) ~ 1e-304 is absorbed exactly by the row's largest term exp(0) = 1, so the
+    # result is the same, bit for bit, as without blocking or clamping.
     z = np.asarray(z, dtype=float)
     V = z.shape[-1]
     lead = z.shape[:-1]
@@ -109,6 +111,7 @@ def _lse_last(z: np.ndarray) -> np.ndarray:
     m = np.empty(k0)
     s = np.empty(k0)
     t = np.empty((k0, V))
+    floor = np.full((k0, V), -700.0)
     with np.errstate(under="ignore"):
         for i0 in range(0, R, C):
             i1 = min(R, i0 + C)
@@ -121,6 +124,7 @@ def _lse_last(z: np.ndarray) -> np.ndarray:
             for a in range(2, V):
                 np.maximum(mc, zc[:, a], out=mc)
             np.subtract(zc, mc[:, None], out=tc)
+            np.maximum(tc, floor[:k], out=tc)
             np.exp(tc, out=tc)
             if V == 1:
                 np.copyto(sc, tc[:, 0])
@@ -143,7 +147,8 @@ def soft_optimal_policy(tree: TokenTree, log_pi_ref, reward, beta: float, return
 
     equivalently ``P*(xi) = P_ref(xi) exp(r(xi)/beta) / Z(s0)`` with ``log Z = V(s0)``
     (Ziebart 2010; Rafailov et al. 2023, arXiv:2305.18290, eq. 4).  Cost ``O(leaves)`` with
-    a Python loop over depth (and over cache-sized blocks of nodes, for speed) only.  ``-inf`` reference log-probs stay ``-inf``.
+    a Python loop over depth only (and, for cache locality, over blocks of 64K edges).
+    ``-inf`` reference log-probs stay ``-inf``.
 
     Parameters
     ----------
@@ -165,36 +170,59 @@ def soft_optimal_policy(tree: TokenTree, log_pi_ref, reward, beta: float, return
     r = tree.check_leaf_array("reward", reward)
     log_pi_ref = tree.check_levels("log_pi_ref", log_pi_ref)
     P, V, H = tree.P, tree.V, tree.H
-    # Blocked sweep, one level at a time from the leaves up.  A block of C nodes reads its
-    # V*C child values, forms z = V(child) + log pi_ref in the output array (or a scratch
-    # block when only log Z is wanted), reduces it with _lse_last while it is in cache and,
-    # for the policy, subtracts V(s) in place: each level is read and written once.  Values
-    # live in one buffer of V**(H-1) per prompt: block [i0, i1) writes its values to
-    # [i0, i1) after reading its children from [V*i0, V*i1), and later blocks read from
-    # V*i1 >= i1 onwards, so the sweep can overwrite the level below in place.
+    # One fused sweep per level, from the leaves up, over blocks of at most C nodes (C*V = 64K
+    # edges, 512 KiB, so a block and its scratch stay in L2): a range of nodes of one prompt
+    # on wide levels, whole levels of several prompts on narrow ones.  For a block: z =
+    # V(children) + log pi_ref, written straight into the output level (or a scratch block
+    # when only log Z is wanted); then the steps of _lse_last (column max, exp of z - max
+    # clamped at -700, column sum, one log per node) while z is in cache; then the policy
+    # z - V(s) in place.  Each level is read once and written once, with no level-sized
+    # temporaries.  Values live in one buffer of V**(H-1) per prompt: block [i0, i1) reads
+    # its children from [V*i0, V*i1) before writing its values to [i0, i1), and later blocks
+    # read from V*i1 >= i1 onwards, so the sweep overwrites the level below in place.
     C = max(1, (1 << 16) // V)
+    k0 = min(C, P * V ** (H - 1))
     out = [np.empty((P, V**h, V)) for h in range(H)] if return_policy else None
-    scratch = None if return_policy else np.empty((min(C, V ** (H - 1)), V))
+    zbuf = None if return_policy else np.empty(k0 * V)
+    tbuf, floor = np.empty(k0 * V), np.full(k0 * V, -700.0)
+    mbuf, sbuf = np.empty(k0), np.empty(k0)
     value = np.empty((P, V ** (H - 1)))
-    src = r
-    for h in range(H - 1, -1, -1):
-        n = V**h
-        ref_h = log_pi_ref[h]
-        for p in range(P):
-            for i0 in range(0, n, C):
-                i1 = min(n, i0 + C)
-                z = out[h][p, i0:i1] if return_policy else scratch[: i1 - i0]
-                child = src[p, V * i0 : V * i1].reshape(i1 - i0, V)
+    below = r  # values of the level below: V(leaf) = r / beta, divided block by block
+    with np.errstate(under="ignore"):
+        for h in range(H - 1, -1, -1):
+            n = V**h
+            ref_h = log_pi_ref[h]
+            if n >= C:
+                blocks = [(p, p + 1, i0, min(n, i0 + C)) for p in range(P) for i0 in range(0, n, C)]
+            else:
+                blocks = [(p0, min(P, p0 + C // n), 0, n) for p0 in range(0, P, C // n)]
+            for p0, p1, i0, i1 in blocks:
+                shape = (p1 - p0, i1 - i0)
+                size = shape[0] * shape[1]
+                z = out[h][p0:p1, i0:i1] if return_policy else zbuf[: size * V].reshape(shape + (V,))
+                child = below[p0:p1, V * i0 : V * i1].reshape(shape + (V,))
                 if h == H - 1:
-                    np.divide(child, beta, out=z)  # V(leaf) = r / beta
-                    z += ref_h[p, i0:i1]
+                    np.divide(child, beta, out=z)
+                    z += ref_h[p0:p1, i0:i1]
                 else:
-                    np.add(child, ref_h[p, i0:i1], out=z)
-                v = value[p, i0:i1]
-                v[...] = _lse_last(z)
+                    np.add(child, ref_h[p0:p1, i0:i1], out=z)
+                m, s = mbuf[:size].reshape(shape), sbuf[:size].reshape(shape)
+                t = tbuf[: size * V].reshape(shape + (V,))
+                v = value[p0:p1, i0:i1]
+                np.maximum(z[..., 0], z[..., 1], out=m)  # V >= 2 for a TokenTree
+                for a in range(2, V):
+                    np.maximum(m, z[..., a], out=m)
+                np.subtract(z, m[..., None], out=t)
+                np.maximum(t, floor[: size * V].reshape(t.shape), out=t)
+                np.exp(t, out=t)
+                np.add(t[..., 0], t[..., 1], out=s)
+                for a in range(2, V):
+                    s += t[..., a]
+                np.log(s, out=v)
+                v += m
                 if return_policy:
-                    z -= v[:, None]
-        src = value
+                    z -= v[..., None]
+            below = value
     return SoftOptimal(tuple(out) if return_policy else None, value[:, 0].copy())
 
 
@@ -365,7 +393,8 @@ def reward_mle(
     returned point is where the optimiser stopped on its way to infinity.
 
     Unobserved completions (partial coverage) keep the value of the starting point (0): the
-    MLE is then a set, ``params + null_space @ c`` for any ``c``.
+    MLE is then a set, ``params + null_space @ c`` for any ``c`` (``null_space`` is computed
+    for classes of at most 2048 parameters, else ``None``).
     """
     tree = reward_class.tree
     data.check_tree(tree)
@@ -392,15 +421,19 @@ def reward_mle(
     D = _margin_design(data, reward_class)
     if l2 == 0:
         recession = separation_direction(D)
-    if reward_class.n_params <= 4096:
-        Dd = D.toarray() if sparse.issparse(D) else D
-        from scipy.linalg import null_space as _ns
-
-        null = _ns(Dd)
+    if reward_class.n_params <= 2048:
+        # null(D) = null(D^T D): a d x d eigenproblem instead of an SVD of the M x d design
+        G = D.T @ D
+        G = G.toarray() if sparse.issparse(G) else np.asarray(G)
+        evals, evecs = np.linalg.eigh(G)
+        null = evecs[:, evals <= 1e-10 * max(1.0, evals.max())]
     w0 = reward_class.init()
-    res = optimize.minimize(
-        fun, w0, jac=True, hessp=hessp, method="trust-ncg", options={"gtol": tol, "maxiter": maxiter}
-    )
+    if recession is None:  # attained: Newton converges quadratically
+        res = optimize.minimize(
+            fun, w0, jac=True, hessp=hessp, method="trust-ncg", options={"gtol": tol, "maxiter": maxiter}
+        )
+    else:  # separable: the iterates run to infinity; stop where L-BFGS meets the tolerance
+        res = optimize.minimize(fun, w0, jac=True, method="L-BFGS-B", options={"gtol": tol, "maxiter": maxiter})
     w = res.x
     attained = recession is None
     if not attained and warn:
@@ -476,62 +509,34 @@ def _check_data_on_ref(tree, data, leaf_logp_ref):
         )
 
 
-def _is_tabular(policy_class) -> bool:
-    return isinstance(policy_class, TabularPolicy)
-
-
 def dpo(
     data: PreferenceData,
     policy_class,
     log_pi_ref,
     beta: float,
     theta0=None,
-    tol: float = 1e-9,
-    maxiter: int = 2000,
-    margin_bound: float = 30.0,
+    tol: float = 1e-10,
+    maxiter: int = 5000,
     warn: bool = True,
 ) -> PolicyFit:
     """DPO solved exactly: maximum likelihood of the preferences over a policy class.
 
-    Minimises :func:`dpo_loss` with L-BFGS to gradient norm ``tol``, starting from
-    ``theta0`` (default: the class's base policy).  Attainment: for tabular classes this is
-    decided exactly (the achievable margins are those of tabular rewards, so the LP of
-    :func:`separation_direction` on leaf indicators decides it); for other classes the optimum
-    is declared not attained when some data margin ``beta * rho`` exceeds ``margin_bound``
-    nats at the end (the loss is then chasing an infimum).  When not attained, a
-    :class:`NotAttainedWarning` is emitted and ``attained=False``.
+    Minimises :func:`dpo_loss` (Rafailov et al. 2023, arXiv:2305.18290, eq. 7) with L-BFGS to
+    gradient tolerance ``tol`` from ``theta0`` (default: the class's base policy).  This is the
+    ``"sigmoid"`` member of :func:`toyrlhf.offline.fit_preference_loss`, which does the work, so
+    attainment is decided the same way for every loss: exactly for tabular classes (the
+    achievable margins are those of tabular rewards, so the LP of :func:`separation_direction`
+    decides it, and the returned point then represents the limit, with vanishing completions
+    ``e^-40`` below), and by a drift probe for other classes (if leaf log-probabilities keep
+    moving by more than 0.1 nats when the tolerance is tightened a thousandfold, the optimum is
+    not attained).  Not attained means ``attained=False`` and a :class:`NotAttainedWarning`.
     """
+    from .offline import fit_preference_loss  # offline builds on this module
+
     beta = _check_beta(beta)
-    tree = policy_class.tree
-    log_pi_ref = tree.check_levels("log_pi_ref", log_pi_ref)
-    ref = leaf_logprobs(tree, log_pi_ref)
-    _check_data_on_ref(tree, data, ref)
-    theta0 = policy_class.init() if theta0 is None else np.asarray(theta0, dtype=float)
-    res = optimize.minimize(
-        lambda t: dpo_loss(policy_class, t, data, ref, beta),
-        theta0,
-        jac=True,
-        method="L-BFGS-B",
-        options={"gtol": tol, "ftol": 1e-15, "maxiter": maxiter, "maxcor": 30},
+    return fit_preference_loss(
+        data, policy_class, log_pi_ref, "sigmoid", beta=beta, theta0=theta0, tol=tol, maxiter=maxiter, warn=warn
     )
-    theta = res.x
-    log_pi = policy_class.conditionals(theta)
-    lp = leaf_logprobs(tree, log_pi)
-    c, rj = data.flat_indices(tree)
-    rho = (lp.ravel()[c] - ref.ravel()[c]) - (lp.ravel()[rj] - ref.ravel()[rj])
-    if _is_tabular(policy_class):
-        attained = separation_direction(_margin_design(data, TabularReward(tree))) is None
-    else:
-        attained = bool(np.max(beta * rho) < margin_bound)
-    if not attained and warn:
-        warnings.warn(
-            "dpo: the DPO optimum is not attained by finite parameters (separable or deterministic "
-            "preferences); the returned policy is where the optimiser stopped",
-            NotAttainedWarning,
-            stacklevel=2,
-        )
-    gnorm = float(np.linalg.norm(dpo_loss(policy_class, theta, data, ref, beta)[1]))
-    return PolicyFit(theta, log_pi, lp, float(res.fun), attained, bool(res.success) or gnorm <= tol, int(res.nit))
 
 
 def dpo_tabular(data: PreferenceData, tree: TokenTree, log_pi_ref, beta: float, warn: bool = True) -> tuple[PolicyFit, RewardFit]:
