@@ -412,4 +412,5 @@ def test_dpo_log_linear_deterministic_pair_not_attained(beta):
     with pytest.warns(NotAttainedWarning):
         fit = dpo(preference_pairs([0], [0], [1]), LogLinearPolicy(tree, ref, next_token_features(tree)), ref, beta)
     assert not fit.attained
-    assert np.exp(fit.leaf_logp[0, 1]) < 1e-3
+    # the returned point is far along the way: the loss is within e^-20 of its infimum 0
+    assert beta * (fit.leaf_logp[0, 0] - fit.leaf_logp[0, 1]) > 20
