@@ -741,6 +741,8 @@ def fit_preference_loss(
             how = "lp"
     if exact_lp:
         theta = _hinge_tabular_lp(prob, policy_class, keep)
+    elif lp_dir is not None:
+        pass  # not attained: no point chasing infinity; push to the limit below, then polish
     elif not unbounded:  # an unbounded-below loss has no minimiser to run to
         res = _lbfgs(fun, theta, tol, maxiter, 1e-15 if how != "probe" else 0.0)
         theta, n_iter, success = res.x, int(res.nit), bool(res.success)
