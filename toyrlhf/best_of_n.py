@@ -17,6 +17,10 @@ upper bound for discrete outputs (equality needs a continuous reward distributio
 
 Everything is vectorised over prompts (one sort per prompt row) and computed in the log domain
 (``F^n - G^n = F^n (1 - exp(n (log G - log F)))`` with ``expm1``), so large ``n`` is exact.
+The exact quantities are namespace-generic (:mod:`toyrlhf._backend`: NumPy, CuPy, any array-API
+library; float32 stays float32, with rows of ``pi_ref`` summing to 1 within ``1e-4``); level
+sets are found with a sort, ``searchsorted`` and cumulative sums (no scatter-add, which the
+array API lacks).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._backend import array_namespace, asarray, float_dtype, to_numpy
 from .tree import TokenTree
 
 __all__ = [
@@ -48,46 +53,83 @@ def _check_n(n) -> int:
 
 @dataclass(frozen=True)
 class _Levels:
-    order: np.ndarray  # (P, N) argsort of the reward per prompt (ascending, stable)
-    level: np.ndarray  # (P, N) level index (in sorted order) of each sorted position
-    mass: np.ndarray  # (P, N) pi_ref mass of each level (padded with zeros)
-    below: np.ndarray  # (P, N) pi_ref mass strictly below each level
-    above: np.ndarray  # (P, N) pi_ref mass strictly above each level
+    """Reward level sets of each prompt, per position of the reward-sorted order.
+
+    Every array is ``(P, N)`` and indexed by sorted position ``j`` (ascending reward, stable),
+    with the statistics of the level set that position belongs to.
+    """
+
+    order: object  # argsort of the reward per prompt (ascending, stable)
+    last: object  # True at the last position of each level (one position per level)
+    mass: object  # pi_ref mass of the position's level
+    below: object  # pi_ref mass strictly below the level
+    above: object  # pi_ref mass strictly above the level
 
 
-def _levels(tree: TokenTree, leaf_logp_ref, reward) -> tuple[_Levels, np.ndarray, np.ndarray]:
-    lq = tree.check_leaf_array("leaf_logp_ref", leaf_logp_ref, allow_neg_inf=True)
-    r = tree.check_leaf_array("reward", reward)
+def _levels(tree: TokenTree, leaf_logp_ref, reward) -> tuple[_Levels, object, object]:
+    """Level sets of the reward under ``pi_ref``, namespace-generic (array-API operations only).
+
+    Sort each prompt's rewards (zero-probability leaves get ``-inf`` so they never tie with a
+    drawable one); a level is a run of equal sorted rewards.  ``below``/``above`` come from
+    cumulative sums with ``include_initial`` at the run's first/last position (found with one
+    ``searchsorted`` on the run keys ``prompt * N + rank``); the run's own mass from a segmented
+    inclusive scan (log-step doubling, ``ceil(log2(longest run))`` passes) so that small levels
+    are summed without cancellation.  Rows of ``leaf_logp_ref`` must sum to 1 within ``1e-8``
+    (float64) or ``1e-4`` (float32).
+    """
+    lq = tree.check_leaf_array("leaf_logp_ref", leaf_logp_ref, allow_neg_inf=True, like=reward)
+    r = tree.check_leaf_array("reward", reward, like=lq)
+    xp = array_namespace(lq, r)
+    dt = float_dtype(xp, lq, r)
+    lq, r = xp.astype(lq, dt, copy=False), xp.astype(r, dt, copy=False)
     with np.errstate(under="ignore"):
-        q = np.exp(lq)
-    if np.any(np.abs(q.sum(axis=1) - 1.0) > 1e-8):
+        q = xp.exp(lq)
+    tol = 1e-8 if dt == xp.float64 else 1e-4
+    if bool(xp.any(xp.abs(xp.sum(q, axis=1) - 1.0) > tol)):
         raise ValueError("leaf_logp_ref must be a distribution over the leaves of each prompt (rows sum to 1)")
     P, N = q.shape
     # zero-probability leaves are never drawn: give them the lowest reward so they never tie
-    rr = np.where(q > 0, r, -np.inf)
-    order = np.argsort(rr, axis=1, kind="stable")
-    rs = np.take_along_axis(rr, order, axis=1)
-    qs = np.take_along_axis(q, order, axis=1)
-    new = np.ones((P, N), dtype=bool)
-    new[:, 1:] = rs[:, 1:] != rs[:, :-1]
-    level = np.cumsum(new, axis=1) - 1
-    mass = np.zeros((P, N))
-    np.add.at(mass, (np.arange(P)[:, None], level), qs)
-    below = np.cumsum(mass, axis=1) - mass
-    above = np.cumsum(mass[:, ::-1], axis=1)[:, ::-1] - mass
-    return _Levels(order, level, mass, np.maximum(below, 0.0), np.maximum(above, 0.0)), q, lq
+    rr = xp.where(q > 0, r, xp.full_like(r, -xp.inf))
+    order = xp.argsort(rr, axis=1, stable=True)
+    rs = xp.take_along_axis(rr, order, axis=1)
+    qs = xp.take_along_axis(q, order, axis=1)
+    step = rs[:, 1:] != rs[:, :-1]
+    edge = xp.ones_like(rs[:, :1], dtype=xp.bool)
+    new = xp.concat([edge, step], axis=1)
+    last = xp.concat([step, edge], axis=1)
+    rank = xp.cumulative_sum(xp.astype(new, xp.int64), axis=1) - 1
+    base = asarray(np.arange(P, dtype=np.int64)[:, None] * N, rank, xp=xp)
+    key = xp.reshape(rank + base, (-1,))  # non-decreasing: prompt-major, then level
+    first = xp.reshape(xp.searchsorted(key, key, side="left"), (P, N)) - base
+    stop = xp.reshape(xp.searchsorted(key, key, side="right"), (P, N)) - base  # one past the run
+    cs = xp.cumulative_sum(qs, axis=1, include_initial=True)  # cs[:, j] = mass of positions < j
+    rcs = xp.flip(xp.cumulative_sum(xp.flip(qs, axis=1), axis=1, include_initial=True), axis=1)
+    below = xp.take_along_axis(cs, first, axis=1)
+    above = xp.take_along_axis(rcs, stop, axis=1)
+    # segmented inclusive scan: after k passes seg[j] = sum of qs over [j - 2^k + 1, j] in j's run
+    longest = int(xp.max(xp.where(qs > 0, stop - first, xp.ones_like(stop))))
+    seg = qs
+    d = 1
+    while d < longest:
+        same = rank[:, d:] == rank[:, :-d]
+        seg = xp.concat([seg[:, :d], seg[:, d:] + xp.where(same, seg[:, :-d], xp.zeros_like(seg[:, :-d]))], axis=1)
+        d *= 2
+    mass = xp.take_along_axis(seg, stop - 1, axis=1)
+    return _Levels(order, last, mass, below, above), q, lq
 
 
-def _level_logprob(lv: _Levels, n: int) -> np.ndarray:
+def _level_logprob(lv: _Levels, n: int):
     """``log(F^n - G^n)`` per level, ``F = below + mass``, ``G = below`` (``-inf`` for empty levels)."""
+    xp = array_namespace(lv.mass)
     F = lv.below + lv.mass
+    neg_inf = xp.full_like(F, -xp.inf)
     with np.errstate(divide="ignore", invalid="ignore"):
         # log F accurately both for small F (forward sum) and F near 1 (1 - mass above)
-        logF = np.where(F < 0.5, np.log(F), np.log1p(-np.minimum(lv.above, 1.0)))
-        logG = np.where(lv.below < 0.5, np.log(lv.below), np.log1p(-np.minimum(lv.above + lv.mass, 1.0)))
-        diff = np.where(lv.mass > 0, logG - logF, -np.inf)
-        out = n * logF + np.log(-np.expm1(n * diff))
-    return np.where(lv.mass > 0, out, -np.inf)
+        logF = xp.where(F < 0.5, xp.log(F), xp.log1p(-xp.minimum(lv.above, 1.0)))
+        logG = xp.where(lv.below < 0.5, xp.log(lv.below), xp.log1p(-xp.minimum(lv.above + lv.mass, 1.0)))
+        diff = xp.where(lv.mass > 0, logG - logF, neg_inf)
+        out = n * logF + xp.log(-xp.expm1(n * diff))
+    return xp.where(lv.mass > 0, out, neg_inf)
 
 
 def best_of_n_logprobs(tree: TokenTree, leaf_logp_ref, reward, n: int) -> np.ndarray:
@@ -113,17 +155,15 @@ def best_of_n_logprobs(tree: TokenTree, leaf_logp_ref, reward, n: int) -> np.nda
     """
     n = _check_n(n)
     lv, q, lq = _levels(tree, leaf_logp_ref, reward)
+    xp = array_namespace(q)
     L = _level_logprob(lv, n)
+    pos = lv.mass > 0
     with np.errstate(divide="ignore"):
-        log_mass = np.log(lv.mass)
-    per_level = L - np.where(lv.mass > 0, log_mass, 0.0)  # log P_n(L) - log pi_ref(L)
-    P = q.shape[0]
-    rows = np.arange(P)[:, None]
-    out = np.full(q.shape, -np.inf)
-    sorted_lq = np.take_along_axis(lq, lv.order, axis=1)
-    vals = np.where(np.isfinite(sorted_lq), sorted_lq + per_level[rows, lv.level], -np.inf)
-    out[rows, lv.order] = vals
-    return out
+        log_mass = xp.log(xp.where(pos, lv.mass, xp.ones_like(lv.mass)))
+    per_level = L - log_mass  # log P_n(L) - log pi_ref(L), at every position of the level
+    sorted_lq = xp.take_along_axis(lq, lv.order, axis=1)
+    vals = xp.where(xp.isfinite(sorted_lq), sorted_lq + per_level, xp.full_like(L, -xp.inf))
+    return xp.take_along_axis(vals, xp.argsort(lv.order, axis=1), axis=1)  # undo the sort
 
 
 def best_of_n_kl(tree: TokenTree, leaf_logp_ref, reward, n: int) -> np.ndarray:
@@ -136,12 +176,14 @@ def best_of_n_kl(tree: TokenTree, leaf_logp_ref, reward, n: int) -> np.ndarray:
     """
     n = _check_n(n)
     lv, _, _ = _levels(tree, leaf_logp_ref, reward)
+    xp = array_namespace(lv.mass)
     L = _level_logprob(lv, n)
-    pos = lv.mass > 0
-    with np.errstate(divide="ignore", under="ignore"):
-        pn = np.where(pos, np.exp(L), 0.0)
-        ratio = np.where(pos & (pn > 0), L - np.log(np.where(pos, lv.mass, 1.0)), 0.0)
-    return np.sum(pn * ratio, axis=1)
+    pos = (lv.mass > 0) & lv.last  # one position per non-empty level
+    zero = xp.zeros_like(L)
+    with np.errstate(divide="ignore", under="ignore", invalid="ignore"):
+        pn = xp.where(pos, xp.exp(L), zero)
+        ratio = xp.where(pos & (pn > 0), L - xp.log(xp.where(pos, lv.mass, xp.ones_like(L))), zero)
+    return xp.sum(pn * ratio, axis=1)
 
 
 def best_of_n_kl_bound(n) -> np.ndarray:
@@ -162,10 +204,12 @@ def best_of_n_win_rate(tree: TokenTree, leaf_logp_ref, reward, n: int) -> np.nda
     """
     n = _check_n(n)
     lv, _, _ = _levels(tree, leaf_logp_ref, reward)
+    xp = array_namespace(lv.mass)
     L = _level_logprob(lv, n)
+    pos = (lv.mass > 0) & lv.last  # one position per non-empty level
     with np.errstate(under="ignore"):
-        pn = np.where(lv.mass > 0, np.exp(L), 0.0)
-    return np.sum(pn * (lv.below + 0.5 * lv.mass), axis=1)
+        pn = xp.where(pos, xp.exp(L), xp.zeros_like(L))
+    return xp.sum(pn * (lv.below + 0.5 * lv.mass), axis=1)
 
 
 @dataclass(frozen=True)
@@ -196,13 +240,14 @@ def sample_best_of_n(
     """Brute force: ``size`` best-of-``n`` draws for one prompt (leaf indices), vectorised.
 
     Draws a ``(size, n)`` block from ``pi_ref(.|prompt)`` by inverse CDF and keeps, per row, the
-    highest reward, breaking ties by an independent uniform key.
+    highest reward, breaking ties by an independent uniform key.  A host-side check: the
+    inputs are converted with :func:`toyrlhf._backend.to_numpy` and the draws are NumPy.
     """
     n = _check_n(n)
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    lq = tree.check_leaf_array("leaf_logp_ref", leaf_logp_ref, allow_neg_inf=True)[prompt]
-    r = tree.check_leaf_array("reward", reward)[prompt]
+    lq = tree.check_leaf_array("leaf_logp_ref", to_numpy(leaf_logp_ref), allow_neg_inf=True)[prompt]
+    r = tree.check_leaf_array("reward", to_numpy(reward))[prompt]
     with np.errstate(under="ignore"):
         cdf = np.cumsum(np.exp(lq))
     cdf /= cdf[-1]

@@ -5,6 +5,12 @@ saves the result to ``<results>/<name>.npz`` and the figure to ``<out>/<name>.pn
 ``.svg``, all atomically, and prints the time each took.  ``run`` does the same for one
 experiment with fields of its ``Config`` overridden from options built from the dataclass;
 their help is the field docstrings, read from the source with :mod:`ast`.
+
+Backends: ``figures --backend numpy|cupy|array_api_strict`` sets the ``backend`` field of every
+chosen experiment whose ``Config`` has one (the others run on NumPy, and say so);
+``run NAME --backend ...`` is that field's own option.  Either way the backend is checked
+before anything runs, and a missing library or GPU is reported as a usage error that names
+the backend and what is missing (:func:`toyrlhf._backend.backend_namespace`).
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from types import ModuleType
 from typing import Any
 
 from . import __version__, experiments
+from ._backend import BACKENDS, BackendUnavailableError, backend_namespace
 
-__all__ = ["main", "build_parser", "config_parser"]
+__all__ = ["main", "build_parser", "config_parser", "with_backend"]
 
 DEFAULT_OUT = Path("figures")
 
@@ -70,16 +77,43 @@ def _unknown(parser: argparse.ArgumentParser, bad: Sequence[str]) -> typing.NoRe
     parser.error(f"unknown experiment(s): {', '.join(bad)}; known experiments: {known}")
 
 
+def _check_backend(parser: argparse.ArgumentParser, name: str | None) -> None:
+    """Fail early, as a usage error, when a backend's library or device is missing."""
+    if name is None:
+        return
+    try:
+        backend_namespace(name)
+    except (BackendUnavailableError, ValueError) as exc:
+        parser.error(str(exc))
+
+
+def with_backend(config: Any, backend: str | None) -> tuple[Any, bool]:
+    """``config`` with its ``backend`` field set, and whether it has one.
+
+    ``backend=None`` keeps the config as it is.  A config without the field is returned
+    unchanged (its experiment computes with NumPy).
+    """
+    if backend is None:
+        return config, True
+    if "backend" not in {f.name for f in dataclasses.fields(config)}:
+        return config, False
+    return dataclasses.replace(config, backend=backend), True
+
+
 def _cmd_figures(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     chosen = list(ns.names) or list(experiments.names())
     bad = [n for n in chosen if n not in experiments.names()]
     if bad:
         _unknown(parser, bad)
+    _check_backend(parser, ns.backend)
     out, results = _dirs(ns)
     total = 0.0
     for name in chosen:
         module = experiments.get(name)
         config = module.Config.quick() if ns.quick else module.Config()
+        config, has = with_backend(config, ns.backend)
+        if not has and ns.backend != "numpy":
+            print(f"{name}: its Config has no backend field; it runs on NumPy", flush=True)
         total += produce(module, config, out, results, progress=not ns.no_progress)
     print(f"{len(chosen)} figure(s) in {total:.2f} s")
     return 0
@@ -97,6 +131,7 @@ def _cmd_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         config = dataclasses.replace(base, **overrides)
     except (TypeError, ValueError) as exc:
         sub.error(str(exc))
+    _check_backend(sub, getattr(config, "backend", None))
     out, results = _dirs(args)
     produce(module, config, out, results, progress=not args.no_progress)
     return 0
@@ -127,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="experiments to run (default: all; see `toyrlhf list`)")
     _add_output_options(p)
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="array backend of the experiments whose Config has a backend field "
+                        "(cupy needs CuPy and a GPU; default: each Config's own, numpy)")
     p.set_defaults(func=_cmd_figures, parser=p)
 
     p = sub.add_parser(

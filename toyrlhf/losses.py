@@ -18,6 +18,11 @@ Conventions
   (default uniform ``1/M``, i.e. the mean).  Pass dataset probabilities (summing to 1) for an
   expectation, or raw counts for a sum.  The gradients are those of this weighted sum, so
   ``grad_chosen[m]`` already contains the factor ``w_m``.
+* Namespace-generic: every function takes its array namespace from its inputs (NumPy, CuPy,
+  ``array_api_strict``; see :mod:`toyrlhf._backend`) and computes with array-API operations
+  only; host data (lists, NumPy arrays) next to device arrays is moved to their device.  The
+  gradients stay in that namespace and float dtype (float32 stays float32, integers become
+  float64); the loss is a Python float.  Error messages that name an index read it on the host.
 * Losses are *minimised*.  For the monotone ones -- logistic/DPO, hinge, exponential,
   truncated quadratic, Savage, robust DPO, SimPO, ORPO, RPO -- a larger margin never increases
   the loss, so ``grad_chosen <= 0 <= grad_rejected``.  The squared loss/IPO pulls margins
@@ -55,13 +60,15 @@ where they coincide (``"sigmoid"``, ``"robust"``, ``"hinge"``, ``"ipo"``).
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from scipy.special import expit, log_expit
+
+from ._backend import _is_foreign, array_namespace, as_float, asarray, to_numpy
 
 __all__ = [
     "LossValue",
@@ -130,46 +137,72 @@ class UnpairedLossValue:
 # --------------------------------------------------------------------------------------------
 
 
+def _xp_float(x):
+    """``(xp, x)``: the namespace of ``x`` and ``x`` as a float array of it (scalars: NumPy)."""
+    xp = array_namespace(x)
+    return xp, as_float(x, xp)
+
+
+def _expit(xp, x):
+    """``sigma(x) = 1 / (1 + e^-x)``, evaluated without overflow on both sides."""
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _log_expit(xp, x):
+    """``log sigma(x) = min(x, 0) - log1p(e^-|x|)``: exact to rounding for every ``x``, ``+-inf`` too."""
+    return xp.minimum(x, 0.0) - xp.log1p(xp.exp(-xp.abs(x)))
+
+
 def _logistic(x):
-    return -log_expit(x)
+    xp, x = _xp_float(x)
+    return -_log_expit(xp, x)
 
 
 def _logistic_d1(x):
-    return -expit(-np.asarray(x, dtype=float))
+    xp, x = _xp_float(x)
+    return -_expit(xp, -x)
 
 
 def _logistic_d2(x):
-    x = np.asarray(x, dtype=float)
-    return np.exp(log_expit(x) + log_expit(-x))  # sigma(x) sigma(-x), no overflow
+    xp, x = _xp_float(x)
+    return xp.exp(_log_expit(xp, x) + _log_expit(xp, -x))  # sigma(x) sigma(-x), no overflow
 
 
 def _squared(x):
-    return (np.asarray(x, dtype=float) - 1.0) ** 2
+    _, x = _xp_float(x)
+    return (x - 1.0) ** 2
 
 
 def _squared_d1(x):
-    return 2.0 * (np.asarray(x, dtype=float) - 1.0)
+    _, x = _xp_float(x)
+    return 2.0 * (x - 1.0)
 
 
 def _squared_d2(x):
-    return np.full_like(np.asarray(x, dtype=float), 2.0)
+    xp, x = _xp_float(x)
+    return xp.full_like(x, 2.0)
 
 
 def _hinge(x):
-    return np.maximum(0.0, 1.0 - np.asarray(x, dtype=float))
+    xp, x = _xp_float(x)
+    return xp.maximum(1.0 - x, 0.0)
 
 
 def _hinge_d1(x):
-    return np.where(np.asarray(x, dtype=float) < 1.0, -1.0, 0.0)
+    xp, x = _xp_float(x)
+    return xp.where(x < 1.0, xp.full_like(x, -1.0), xp.zeros_like(x))
 
 
 def _hinge_d2(x):
-    return np.zeros_like(np.asarray(x, dtype=float))
+    xp, x = _xp_float(x)
+    return xp.zeros_like(x)
 
 
 def _exponential(x):
+    xp, x = _xp_float(x)
     with np.errstate(over="ignore"):
-        return np.exp(-np.asarray(x, dtype=float))
+        return xp.exp(-x)
 
 
 def _exponential_d1(x):
@@ -181,30 +214,33 @@ def _exponential_d2(x):
 
 
 def _truncated_quadratic(x):
-    return np.maximum(0.0, 1.0 - np.asarray(x, dtype=float)) ** 2
+    xp, x = _xp_float(x)
+    return xp.maximum(1.0 - x, 0.0) ** 2
 
 
 def _truncated_quadratic_d1(x):
-    return -2.0 * np.maximum(0.0, 1.0 - np.asarray(x, dtype=float))
+    xp, x = _xp_float(x)
+    return -2.0 * xp.maximum(1.0 - x, 0.0)
 
 
 def _truncated_quadratic_d2(x):
-    return np.where(np.asarray(x, dtype=float) < 1.0, 2.0, 0.0)
+    xp, x = _xp_float(x)
+    return xp.where(x < 1.0, xp.full_like(x, 2.0), xp.zeros_like(x))
 
 
 def _savage(x):
-    x = np.asarray(x, dtype=float)
-    return np.exp(2.0 * log_expit(-x))  # s^2, s = sigma(-x) = 1/(1+e^x)
+    xp, x = _xp_float(x)
+    return xp.exp(2.0 * _log_expit(xp, -x))  # s^2, s = sigma(-x) = 1/(1+e^x)
 
 
 def _savage_d1(x):
-    x = np.asarray(x, dtype=float)
-    return -2.0 * np.exp(2.0 * log_expit(-x) + log_expit(x))  # -2 s^2 (1-s)
+    xp, x = _xp_float(x)
+    return -2.0 * xp.exp(2.0 * _log_expit(xp, -x) + _log_expit(xp, x))  # -2 s^2 (1-s)
 
 
 def _savage_d2(x):
-    x = np.asarray(x, dtype=float)
-    return np.exp(2.0 * log_expit(-x) + log_expit(x)) * (4.0 - 6.0 * expit(-x))  # s^2(1-s)(4-6s)
+    xp, x = _xp_float(x)
+    return xp.exp(2.0 * _log_expit(xp, -x) + _log_expit(xp, x)) * (4.0 - 6.0 * _expit(xp, -x))  # s^2(1-s)(4-6s)
 
 
 @dataclass(frozen=True, eq=False)
@@ -218,7 +254,8 @@ class ConvexLoss:
     name : str
         Registry key, e.g. ``"logistic"``.
     f, df, d2f : callable
-        Vectorised ``f(x)``, ``f'(x)`` and ``f''(x)`` (NumPy arrays or scalars in, arrays out).
+        Vectorised ``f(x)``, ``f'(x)`` and ``f''(x)`` (arrays of any namespace or scalars in,
+        arrays of the same namespace out; scalars give NumPy).
         At kinks (hinge and truncated quadratic at ``x = 1``) the right derivative is used;
         the hinge's ``f''`` is 0 everywhere (its Dirac mass at 1 is dropped).
     method : str
@@ -310,11 +347,11 @@ def log1mexp(a):
     >>> float(log1mexp(np.log(0.25)))  # log(0.75)
     -0.2876820724517809
     """
-    a = np.asarray(a, dtype=float)
-    if np.any(a > 0):
+    xp, a = _xp_float(a)
+    if bool(xp.any(a > 0)):
         raise ValueError("log1mexp needs a <= 0 (a log-probability)")
     with np.errstate(divide="ignore"):
-        return np.where(a > -np.log(2.0), np.log(-np.expm1(a)), np.log1p(-np.exp(a)))
+        return xp.where(a > -math.log(2.0), xp.log(-xp.expm1(a)), xp.log1p(-xp.exp(a)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,12 +388,22 @@ def _smoothing(name: str, value) -> float:
     return value
 
 
-def _array(name: str, x, m: int | None = None) -> np.ndarray:
-    """Float64 1-D array of length m (if given); TypeError for non-numeric input."""
+def _first_index(mask) -> int:
+    """Index of the first True of a 1-D boolean array (read on the host, for error messages)."""
+    return int(np.flatnonzero(to_numpy(mask))[0])
+
+
+def _array(name: str, x, m: int | None = None, like=None):
+    """Float 1-D array of length m (if given) in the namespace of ``x`` or ``like``.
+
+    Host data next to a device array ``like`` is moved to it; float32 stays float32 and
+    integers become float64.  TypeError for non-numeric input.
+    """
     if x is None:
         raise TypeError(f"{name} is required (got None)")
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "iuf":
+    xp = array_namespace(x, like)
+    arr = np.asarray(x) if xp is np else asarray(x, x if _is_foreign(x) else like, xp=xp)
+    if not (xp.isdtype(arr.dtype, "integral") or xp.isdtype(arr.dtype, "real floating")):
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D with shape (M,), got shape {arr.shape}")
@@ -364,114 +411,129 @@ def _array(name: str, x, m: int | None = None) -> np.ndarray:
         raise ValueError(f"{name} has shape {arr.shape}, expected ({m},) to match logp_chosen")
     if arr.shape[0] == 0:
         raise ValueError(f"{name} is empty: need at least one example")
-    return arr.astype(np.float64)
+    return as_float(arr, xp)
 
 
-def _logprob(name: str, x, m: int | None = None) -> np.ndarray:
-    arr = _array(name, x, m)
-    if np.isnan(arr).any():
-        raise ValueError(f"{name} contains NaN at index {int(np.flatnonzero(np.isnan(arr))[0])}")
-    if np.isposinf(arr).any():
+def _logprob(name: str, x, m: int | None = None, like=None):
+    arr = _array(name, x, m, like)
+    xp = array_namespace(arr)
+    if not bool(xp.all(arr < xp.inf)):
+        nan = xp.isnan(arr)
+        if bool(xp.any(nan)):
+            raise ValueError(f"{name} contains NaN at index {_first_index(nan)}")
         raise ValueError(
-            f"{name} contains +inf at index {int(np.flatnonzero(np.isposinf(arr))[0])}; "
+            f"{name} contains +inf at index {_first_index(arr == xp.inf)}; "
             "log-probabilities must be < +inf"
         )
     return arr
 
 
-def _weights(weights, m: int) -> np.ndarray:
+def _weights(weights, m: int, like):
+    """The pair weights: ``weights`` validated, or ``1/M`` shaped and typed like ``like``."""
     if weights is None:
-        return np.full(m, 1.0 / m)
-    w = _array("weights", weights, m)
-    if not np.isfinite(w).all():
+        return array_namespace(like).full_like(like, 1.0 / m)
+    w = _array("weights", weights, m, like)
+    xp = array_namespace(w)
+    if not bool(xp.all(xp.isfinite(w))):
         raise ValueError("weights must be finite")
-    if (w < 0).any():
-        raise ValueError(f"weights must be non-negative, got min {w.min()!r}")
+    if bool(xp.any(w < 0)):
+        raise ValueError(f"weights must be non-negative, got min {float(xp.min(w))!r}")
     return w
 
 
-def _lengths(name: str, x, m: int) -> np.ndarray:
+def _lengths(name: str, x, m: int, like=None):
     if x is None:
         raise TypeError(f"{name} is required for this loss (positive integer lengths, shape (M,))")
-    arr = _array(name, x, m)
-    if not np.isfinite(arr).all() or (arr <= 0).any() or (arr != np.round(arr)).any():
-        raise ValueError(f"{name} must hold positive integers, got {np.asarray(x)!r}")
+    arr = _array(name, x, m, like)
+    xp = array_namespace(arr)
+    if not bool(xp.all(xp.isfinite(arr))) or bool(xp.any(arr <= 0)) or bool(xp.any(arr != xp.round(arr))):
+        raise ValueError(f"{name} must hold positive integers, got {to_numpy(x)!r}")
     return arr
 
 
-def _check_neg_inf(arrays: dict[str, np.ndarray], active: np.ndarray, allow: bool) -> None:
+def _check_neg_inf(arrays: dict, active, allow: bool) -> None:
     if allow:
         return
     for name, arr in arrays.items():
-        bad = np.isneginf(arr) & active
-        if bad.any():
+        xp = array_namespace(arr)
+        bad = (arr == -xp.inf) & active
+        if bool(xp.any(bad)):
             raise ValueError(
-                f"{name} contains -inf at index {int(np.flatnonzero(bad)[0])} (a pair with "
+                f"{name} contains -inf at index {_first_index(bad)} (a pair with "
                 "positive weight); pass allow_neg_inf=True to evaluate the loss at its limit, "
                 "or give the pair weight 0"
             )
 
 
-def _mask(arr: np.ndarray, active: np.ndarray) -> np.ndarray:
+def _mask(arr, active):
     """Replace entries of dropped (zero-weight) pairs by 0 so that they compute cleanly."""
-    return np.where(active, arr, 0.0)
+    xp = array_namespace(arr)
+    return xp.where(active, arr, xp.zeros_like(arr))
 
 
 def _paired_inputs(logp_chosen, logp_rejected, ref_chosen, ref_rejected, weights,
                    reference_free: bool, allow_neg_inf: bool):
     """Validate the four log-prob arrays and the weights; return masked arrays."""
-    lc = _logprob("logp_chosen", logp_chosen)
+    xp = array_namespace(logp_chosen, logp_rejected, ref_chosen, ref_rejected, weights)
+    like = next((x for x in (logp_chosen, logp_rejected, ref_chosen, ref_rejected, weights)
+                 if _is_foreign(x)), None)
+    lc = _logprob("logp_chosen", logp_chosen, like=like)
     m = lc.shape[0]
-    lr = _logprob("logp_rejected", logp_rejected, m)
+    lr = _logprob("logp_rejected", logp_rejected, m, like=lc)
     arrays = {"logp_chosen": lc, "logp_rejected": lr}
     if reference_free:
-        rc = np.zeros(m)
-        rr = np.zeros(m)
+        rc = xp.zeros_like(lc)
+        rr = xp.zeros_like(lc)
     else:
         if ref_chosen is None or ref_rejected is None:
             missing = "ref_chosen" if ref_chosen is None else "ref_rejected"
             raise TypeError(f"{missing} is required unless reference_free=True")
-        rc = _logprob("ref_chosen", ref_chosen, m)
-        rr = _logprob("ref_rejected", ref_rejected, m)
+        rc = _logprob("ref_chosen", ref_chosen, m, like=lc)
+        rr = _logprob("ref_rejected", ref_rejected, m, like=lc)
         arrays |= {"ref_chosen": rc, "ref_rejected": rr}
-    w = _weights(weights, m)
+    w = _weights(weights, m, lc)
     active = w > 0
     _check_neg_inf(arrays, active, allow_neg_inf)
     lc, lr, rc, rr = (_mask(a, active) for a in (lc, lr, rc, rr))
     return lc, lr, rc, rr, w, active
 
 
-def _rho(lc, lr, rc, rr) -> np.ndarray:
+def _rho(lc, lr, rc, rr):
+    xp = array_namespace(lc)
     with np.errstate(invalid="ignore"):
         ratio_c = lc - rc
         ratio_r = lr - rr
         rho = ratio_c - ratio_r
     for name, ratio in (("chosen", ratio_c), ("rejected", ratio_r)):
-        if np.isnan(ratio).any():
-            i = int(np.flatnonzero(np.isnan(ratio))[0])
+        nan = xp.isnan(ratio)
+        if bool(xp.any(nan)):
             raise ValueError(
-                f"logp_{name} and ref_{name} are both -inf at index {i}: the log-ratio is undefined"
+                f"logp_{name} and ref_{name} are both -inf at index {_first_index(nan)}: "
+                "the log-ratio is undefined"
             )
-    if np.isnan(rho).any():
-        i = int(np.flatnonzero(np.isnan(rho))[0])
+    nan = xp.isnan(rho)
+    if bool(xp.any(nan)):
         raise ValueError(
-            f"rho is undefined (inf - inf) at index {i}: the chosen and rejected log-ratios are "
-            "infinite with the same sign"
+            f"rho is undefined (inf - inf) at index {_first_index(nan)}: the chosen and rejected "
+            "log-ratios are infinite with the same sign"
         )
     return rho
 
 
-def _weighted_sum(w: np.ndarray, values: np.ndarray, active: np.ndarray) -> float:
-    terms = np.where(active, w * np.where(active, values, 0.0), 0.0)
+def _weighted_sum(w, values, active) -> float:
+    xp = array_namespace(w, values)
+    zero = xp.zeros_like(w)
     with np.errstate(invalid="ignore"):
-        total = float(np.sum(terms))
-    if np.isnan(total):
+        terms = xp.where(active, w * xp.where(active, values, zero), zero)
+        total = float(xp.sum(terms))
+    if math.isnan(total):
         raise ValueError("the loss is undefined: it sums +inf and -inf terms across pairs")
     return total
 
 
-def _finish(loss: float, gc: np.ndarray, gr: np.ndarray) -> LossValue:
-    if np.isnan(gc).any() or np.isnan(gr).any():  # pragma: no cover - guarded upstream
+def _finish(loss: float, gc, gr) -> LossValue:
+    xp = array_namespace(gc, gr)
+    if bool(xp.any(xp.isnan(gc))) or bool(xp.any(xp.isnan(gr))):  # pragma: no cover - guarded upstream
         raise ValueError("gradient is undefined (NaN) for these inputs")
     return LossValue(loss, gc, gr)
 
@@ -491,11 +553,13 @@ def _resolve_convex(f) -> ConvexLoss:
 
 def _margin_loss(phi, dphi, x, w, active, dx_dc, dx_dr) -> LossValue:
     """Loss sum_m w_m phi(x_m) and its gradients given dx/dlogp_chosen and dx/dlogp_rejected."""
+    xp = array_namespace(x, w)
+    zero = xp.zeros_like(w)
     loss = _weighted_sum(w, phi(x), active)
-    g = np.where(active, w * dphi(x), 0.0)
+    g = xp.where(active, w * dphi(x), zero)
     with np.errstate(invalid="ignore"):
-        gc = np.where(active, g * dx_dc, 0.0)
-        gr = np.where(active, g * dx_dr, 0.0)
+        gc = xp.where(active, g * dx_dc, zero)
+        gr = xp.where(active, g * dx_dr, zero)
     return _finish(loss, gc, gr)
 
 
@@ -796,14 +860,15 @@ def simpo_loss(logp_chosen, logp_rejected, *, len_chosen, len_rejected, beta, ga
     gamma = _real("gamma", gamma)
     lc, lr, _, _, w, active = _paired_inputs(logp_chosen, logp_rejected, None, None, weights,
                                               True, allow_neg_inf)
+    xp = array_namespace(lc)
     m = lc.shape[0]
-    nc = _lengths("len_chosen", len_chosen, m)
-    nr = _lengths("len_rejected", len_rejected, m)
+    nc = _lengths("len_chosen", len_chosen, m, like=lc)
+    nr = _lengths("len_rejected", len_rejected, m, like=lc)
     with np.errstate(invalid="ignore"):
         x = beta * lc / nc - beta * lr / nr - gamma
-    if np.isnan(x).any():
-        i = int(np.flatnonzero(np.isnan(x))[0])
-        raise ValueError(f"logp_chosen and logp_rejected are both -inf at index {i}: "
+    nan = xp.isnan(x)
+    if bool(xp.any(nan)):
+        raise ValueError(f"logp_chosen and logp_rejected are both -inf at index {_first_index(nan)}: "
                          "the SimPO margin is undefined")
     return _margin_loss(_logistic, _logistic_d1, x, w, active, beta / nc, -beta / nr)
 
@@ -855,17 +920,18 @@ def orpo_loss(logp_chosen, logp_rejected, *, len_chosen, len_rejected, lam, weig
     lam = _positive("lam", lam)
     lc, lr, _, _, w, active = _paired_inputs(logp_chosen, logp_rejected, None, None, weights,
                                               True, allow_neg_inf)
+    xp = array_namespace(lc)
     m = lc.shape[0]
-    nc = _lengths("len_chosen", len_chosen, m)
-    nr = _lengths("len_rejected", len_rejected, m)
+    nc = _lengths("len_chosen", len_chosen, m, like=lc)
+    nr = _lengths("len_rejected", len_rejected, m, like=lc)
     for name, arr in (("logp_chosen", lc), ("logp_rejected", lr)):
-        if (arr > 0).any():
+        if bool(xp.any(arr > 0)):
             raise ValueError(f"{name} must be <= 0 (a log-probability) for ORPO, "
-                             f"got {arr.max()!r}")
+                             f"got {float(xp.max(arr))!r}")
     both_one = (lc == 0) & (lr == 0) & active
-    if both_one.any():
+    if bool(xp.any(both_one)):
         raise ValueError(
-            f"logp_chosen and logp_rejected are both 0 at index {int(np.flatnonzero(both_one)[0])}"
+            f"logp_chosen and logp_rejected are both 0 at index {_first_index(both_one)}"
             ": both log odds are +inf and the ORPO odds ratio is undefined"
         )
     ac, ar = lc / nc, lr / nr
@@ -874,21 +940,23 @@ def orpo_loss(logp_chosen, logp_rejected, *, len_chosen, len_rejected, lam, weig
         odds_c = ac - lmc  # may be +inf (p = 1) or -inf (p = 0)
         odds_r = ar - lmr
         z = odds_c - odds_r
-    if np.isnan(z[active]).any():
-        i = int(np.flatnonzero(np.isnan(z) & active)[0])
-        raise ValueError(f"logp_chosen and logp_rejected are both -inf at index {i}: "
+    bad = xp.isnan(z) & active
+    if bool(xp.any(bad)):
+        raise ValueError(f"logp_chosen and logp_rejected are both -inf at index {_first_index(bad)}: "
                          "the ORPO odds ratio is undefined")
-    z = np.where(active, z, 0.0)
+    zero = xp.zeros_like(z)
+    z = xp.where(active, z, zero)
     penalty = _logistic(z)
     loss = _weighted_sum(w, -ac + lam * penalty, active)
     # d penalty / d a_c = -sigma(-z) / (1 - p_c);  d penalty / d a_r = +sigma(-z) / (1 - p_r)
-    log_s = log_expit(-z)
+    log_s = _log_expit(xp, -z)
     with np.errstate(over="ignore", invalid="ignore"):
-        mag_c = np.where(ac == 0.0, np.exp(np.where(ac == 0.0, odds_r, 0.0)),
-                         np.exp(log_s - np.where(ac == 0.0, 0.0, lmc)))
-        mag_r = np.exp(log_s - lmr)
-        gc = np.where(active, w * (-1.0 - lam * mag_c) / nc, 0.0)
-        gr = np.where(active, w * lam * mag_r / nr, 0.0)
+        top = ac == 0.0
+        mag_c = xp.where(top, xp.exp(xp.where(top, odds_r, zero)),
+                         xp.exp(log_s - xp.where(top, zero, lmc)))
+        mag_r = xp.exp(log_s - lmr)
+        gc = xp.where(active, w * (-1.0 - lam * mag_c) / nc, zero)
+        gr = xp.where(active, w * lam * mag_r / nr, zero)
     return _finish(loss, gc, gr)
 
 
@@ -930,13 +998,15 @@ def rpo_loss(logp_chosen, logp_rejected, ref_chosen=None, ref_rejected=None, *, 
     lc, lr, rc, rr, w, active = _paired_inputs(logp_chosen, logp_rejected, ref_chosen,
                                                 ref_rejected, weights, reference_free,
                                                 allow_neg_inf)
-    nc = _lengths("len_chosen", len_chosen, lc.shape[0])
+    xp = array_namespace(lc)
+    nc = _lengths("len_chosen", len_chosen, lc.shape[0], like=lc)
     x = beta * _rho(lc, lr, rc, rr)
     nll = -lc / nc
     values = _logistic(x) + (alpha * nll if alpha > 0 else 0.0)
     loss = _weighted_sum(w, values, active)
-    g = np.where(active, w * beta * _logistic_d1(x), 0.0)
-    gc = g - np.where(active, w * alpha / nc, 0.0)
+    zero = xp.zeros_like(w)
+    g = xp.where(active, w * beta * _logistic_d1(x), zero)
+    gc = g - xp.where(active, w * alpha / nc, zero)
     return _finish(loss, gc, -g)
 
 
@@ -994,29 +1064,32 @@ def kto_loss(logp, ref_logp, desirable, *, z_ref, beta, lambda_D: float = 1.0,
     z_ref = _real("z_ref", z_ref)
     lam_d = _positive("lambda_D", lambda_D)
     lam_u = _positive("lambda_U", lambda_U)
-    lp = _logprob("logp", logp)
+    like = next((x for x in (logp, ref_logp, desirable, weights) if _is_foreign(x)), None)
+    lp = _logprob("logp", logp, like=like)
+    xp = array_namespace(lp)
     m = lp.shape[0]
-    rp = _logprob("ref_logp", ref_logp, m)
-    d = np.asarray(desirable)
-    if d.dtype != np.bool_:
+    rp = _logprob("ref_logp", ref_logp, m, like=lp)
+    d = np.asarray(desirable) if xp is np else asarray(desirable, lp, xp=xp)
+    if d.dtype != xp.bool:
         raise TypeError(f"desirable must be a boolean array, got dtype {d.dtype}")
     if d.shape != (m,):
         raise ValueError(f"desirable has shape {d.shape}, expected ({m},) to match logp")
-    w = _weights(weights, m)
+    w = _weights(weights, m, lp)
     active = w > 0
     _check_neg_inf({"logp": lp, "ref_logp": rp}, active, allow_neg_inf)
     lp, rp = _mask(lp, active), _mask(rp, active)
     with np.errstate(invalid="ignore"):
         r = lp - rp
-    if np.isnan(r).any():
-        i = int(np.flatnonzero(np.isnan(r))[0])
-        raise ValueError(f"logp and ref_logp are both -inf at index {i}: r is undefined")
-    x = beta * np.where(d, r - z_ref, z_ref - r)  # argument of sigma in v
-    lam = np.where(d, lam_d, lam_u)
+    nan = xp.isnan(r)
+    if bool(xp.any(nan)):
+        raise ValueError(f"logp and ref_logp are both -inf at index {_first_index(nan)}: r is undefined")
+    x = beta * xp.where(d, r - z_ref, z_ref - r)  # argument of sigma in v
+    lam = xp.where(d, xp.full_like(r, lam_d), xp.full_like(r, lam_u))
     # lambda - lambda sigma(x) = lambda sigma(-x)
-    loss = _weighted_sum(w, lam * expit(-x), active)
-    s2 = np.exp(log_expit(x) + log_expit(-x))  # sigma(x) sigma(-x)
-    grad = np.where(active, w * lam * beta * s2 * np.where(d, -1.0, 1.0), 0.0)
+    loss = _weighted_sum(w, lam * _expit(xp, -x), active)
+    s2 = xp.exp(_log_expit(xp, x) + _log_expit(xp, -x))  # sigma(x) sigma(-x)
+    sign = xp.where(d, xp.full_like(r, -1.0), xp.full_like(r, 1.0))
+    grad = xp.where(active, w * lam * beta * s2 * sign, xp.zeros_like(w))
     return UnpairedLossValue(loss, grad)
 
 
@@ -1081,14 +1154,15 @@ def taylor_terms(name, beta, rho, weights=None) -> TaylorTerms:
     """
     c = _resolve_convex(name)
     beta = _positive("beta", beta)
-    rho = _array("rho", rho)
-    if not np.isfinite(rho).all():
+    rho = _array("rho", rho, like=weights if _is_foreign(weights) else None)
+    xp = array_namespace(rho)
+    if not bool(xp.all(xp.isfinite(rho))):
         raise ValueError("rho must be finite")
-    w = _weights(weights, rho.shape[0])
+    w = _weights(weights, rho.shape[0], rho)
     return TaylorTerms(
-        constant=c.f0 * float(np.sum(w)),
-        preference=c.df0 * beta * float(np.sum(w * rho)),
-        regularisation=0.5 * c.d2f0 * beta**2 * float(np.sum(w * rho**2)),
+        constant=c.f0 * float(xp.sum(w)),
+        preference=c.df0 * beta * float(xp.sum(w * rho)),
+        regularisation=0.5 * c.d2f0 * beta**2 * float(xp.sum(w * rho**2)),
     )
 
 

@@ -21,6 +21,12 @@ Tang et al. 2024, "Generalized Preference Optimization", arXiv:2402.05749, eq. (
 
 and of its variants (cDPO, robust DPO, IPO, SimPO, ORPO, RPO).
 
+Host boundary: the solvers run scipy (L-BFGS-B, HiGHS) and minibatch updates on host NumPy
+arrays.  A policy class may compute on a device (e.g.
+:class:`~toyrlhf.projections.SoftOptimalPolicyClass` with CuPy reference conditionals): its leaf
+log-probabilities are brought to the host with :func:`toyrlhf._backend.to_numpy`, and the leaf
+gradient goes back through the class's ``leaf_logprobs_vjp``.
+
 * :func:`fit_preference_loss` minimises it exactly (deterministic L-BFGS to a tight gradient
   tolerance; an exact linear program for the hinge over tabular classes) and says whether the
   optimum is attained by finite parameters.  :func:`fit_kto` does the same for KTO on unpaired
@@ -79,6 +85,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize, sparse
 
+from ._backend import to_numpy
 from .losses import PAIRED_LOSSES, TaylorTerms, kto_loss, taylor_terms
 from .policies import TabularPolicy, leaf_logprobs, sequence_kl
 from .preferences import PreferenceData
@@ -454,8 +461,9 @@ def preference_objective(policy_class, theta, data: PreferenceData, log_pi_ref, 
 
 
 def _objective(prob: _Problem, policy_class, theta) -> tuple[float, np.ndarray]:
+    """Loss and gradient on the host (for scipy): the class's leaf log-probs cross with to_numpy."""
     log_pi = policy_class.conditionals(theta)
-    lp = leaf_logprobs(prob.tree, log_pi).ravel()
+    lp = to_numpy(leaf_logprobs(prob.tree, log_pi)).ravel()
     val, g = prob.evaluate(lp)
     return val, policy_class.leaf_logprobs_vjp(theta, g.reshape(prob.tree.P, prob.tree.n_leaves), log_pi=log_pi)
 
@@ -718,7 +726,7 @@ def fit_preference_loss(
         return _objective(prob, policy_class, t)
 
     def leaf_fn(t):
-        return policy_class.leaf_logprobs(t).ravel()
+        return to_numpy(policy_class.leaf_logprobs(t)).ravel()
 
     n_iter, success, recession, attained, unbounded = 0, True, None, True, False
     exact_lp = prob.name == "hinge" and tabular
@@ -763,7 +771,7 @@ def fit_preference_loss(
             attained = False
             recession = (drift / np.linalg.norm(drift)).reshape(tree.P, tree.n_leaves)
     log_pi = policy_class.conditionals(theta)
-    lp = leaf_logprobs(tree, log_pi)
+    lp = to_numpy(leaf_logprobs(tree, log_pi))
     val, g = prob.evaluate(lp.ravel())
     grad = policy_class.leaf_logprobs_vjp(theta, g.reshape(tree.P, tree.n_leaves), log_pi=log_pi)
     gnorm = 0.0 if exact_lp else float(np.linalg.norm(grad))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._backend import array_namespace, as_arrays, as_float, asarray, kernel_profile, to_numpy
 from .tree import TokenTree
 
 __all__ = [
@@ -43,53 +44,82 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- kernels
-def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+# The kernels below are namespace-generic (see toyrlhf._backend): they take ``xp`` from their
+# inputs and use array-API operations only, so the same code runs on NumPy, CuPy and
+# array_api_strict arrays; float32 stays float32.  Samplers draw from a host NumPy Generator.
+def _max_last(xp, z, columns: bool):
+    """``max`` over the last (token) axis: column by column, or ``xp.max(axis=-1)``."""
+    V = z.shape[-1]
+    if not columns or V == 1:
+        return xp.max(z, axis=-1)
+    m = xp.maximum(z[..., 0], z[..., 1])
+    for a in range(2, V):
+        m = xp.maximum(m, z[..., a])
+    return m
+
+
+def _sum_last(xp, z, columns: bool):
+    """``sum`` over the last (token) axis: column by column (left to right), or ``xp.sum``."""
+    V = z.shape[-1]
+    if not columns or V == 1:
+        return xp.sum(z, axis=-1)
+    s = z[..., 0] + z[..., 1]
+    for a in range(2, V):
+        s += z[..., a]
+    return s
+
+
+def log_softmax(x, axis: int = -1):
     """``x - logsumexp(x)`` along ``axis``; ``-inf`` entries stay ``-inf`` (need one finite).
 
-    Over the last axis (the ``V`` tokens of a node) the max and the sum run column by column:
-    NumPy reductions over a short last axis are several times slower than elementwise passes.
+    Namespace-generic.  Over the last axis (the ``V`` tokens of a node) the max and the sum run
+    column by column on the CPU: NumPy reductions over a short last axis are several times
+    slower than elementwise passes (:func:`toyrlhf._backend.kernel_profile`).
+
+    Examples
+    --------
+    >>> np.exp(log_softmax(np.log([[1.0, 3.0]]))).tolist()
+    [[0.25, 0.75]]
     """
-    x = np.asarray(x, dtype=float)
+    xp = array_namespace(x)
+    x = as_float(x, xp)
     if axis not in (-1, x.ndim - 1):
-        m = np.max(x, axis=axis, keepdims=True)
+        m = xp.max(x, axis=axis, keepdims=True)
         z = x - m
         with np.errstate(under="ignore"):
-            return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
-    V = x.shape[-1]
-    m = x[..., 0].copy()
-    for a in range(1, V):
-        np.maximum(m, x[..., a], out=m)
+            return z - xp.log(xp.sum(xp.exp(z), axis=axis, keepdims=True))
+    columns = kernel_profile(xp).column_reductions
+    m = _max_last(xp, x, columns)
     z = x - m[..., None]
-    s = np.zeros_like(m)
     with np.errstate(under="ignore"):
-        e = np.exp(z)
-    for a in range(V):
-        s += e[..., a]
-    np.log(s, out=s)
-    z -= s[..., None]
+        e = xp.exp(z)
+    s = _sum_last(xp, e, columns)
+    z -= xp.log(s)[..., None]
     return z
 
 
-def policy_from_logits(tree: TokenTree, logits) -> tuple[np.ndarray, ...]:
+def policy_from_logits(tree: TokenTree, logits) -> tuple:
     """Normalise per-level logits ``(P, V**h, V)`` into conditional log-probabilities.
 
     Absorbed (post-EOS) nodes are forced to EOS.  ``-inf`` logits give zero probability.
+    Namespace-generic: the levels stay in the logits' namespace, device and float dtype.
     """
+    xp, logits = as_arrays(*logits)
     levels = []
     for h, z in enumerate(logits):
-        z = np.asarray(z, dtype=float)
+        z = as_float(z, xp)
         if z.shape != (tree.P, tree.V**h, tree.V):
             raise ValueError(f"logits[{h}] must have shape {(tree.P, tree.V**h, tree.V)}, got {z.shape}")
-        if np.isnan(z).any() or np.any(z == np.inf):
+        if not bool(xp.all(z < xp.inf)):
             raise ValueError(f"logits[{h}] contains NaN or +inf")
-        if np.any(np.all(z == -np.inf, axis=-1)):
+        if bool(xp.any(xp.all(z == -xp.inf, axis=-1))):
             raise ValueError(f"logits[{h}] has a node whose logits are all -inf (no token possible)")
         levels.append(log_softmax(z))
     return tree.apply_eos(levels)
 
 
 def uniform_policy(tree: TokenTree) -> tuple[np.ndarray, ...]:
-    """The uniform policy ``pi(a|s) = 1/V`` (with EOS absorption)."""
+    """The uniform policy ``pi(a|s) = 1/V`` (with EOS absorption), as host NumPy arrays."""
     return policy_from_logits(tree, [np.zeros((tree.P, tree.V**h, tree.V)) for h in range(tree.H)])
 
 
@@ -99,10 +129,11 @@ def random_policy(
     temperature: float = 1.0,
     zero_fraction: float = 0.0,
 ) -> tuple[np.ndarray, ...]:
-    """A random policy with Gaussian logits of scale ``temperature``.
+    """A random policy with Gaussian logits of scale ``temperature`` (host NumPy arrays).
 
     ``zero_fraction`` of the (node, token) pairs get probability exactly zero (``-inf``
     log-prob), keeping at least one token per node: a reference policy with partial support.
+    Move it to a device with :func:`toyrlhf._backend.asarray` per level.
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
@@ -120,12 +151,13 @@ def random_policy(
     return policy_from_logits(tree, logits)
 
 
-def leaf_logprobs(tree: TokenTree, log_pi) -> np.ndarray:
+def leaf_logprobs(tree: TokenTree, log_pi):
     """Exact sequence log-likelihoods of all leaves, ``log P_pi(xi | s0)``, shape ``(P, V**H)``.
 
     .. math:: \\log P_\\pi(\\xi|s_0) = \\sum_h \\log\\pi(a_h|s_h)
 
     One broadcast-add per depth; ``-inf`` propagates (zero-probability completions).
+    Namespace-generic: the result is in the levels' namespace, device and dtype.
 
     Examples
     --------
@@ -133,65 +165,73 @@ def leaf_logprobs(tree: TokenTree, log_pi) -> np.ndarray:
     >>> round(float(np.exp(leaf_logprobs(tree, uniform_policy(tree))).sum()), 12)
     1.0
     """
+    xp, levels = as_arrays(*log_pi)
     P = tree.P
-    acc = np.asarray(log_pi[0]).reshape(P, tree.V)
+    acc = xp.reshape(levels[0], (P, tree.V))
     for h in range(1, tree.H):
-        acc = (acc[:, :, None] + log_pi[h]).reshape(P, -1)
+        acc = xp.reshape(acc[:, :, None] + levels[h], (P, -1))
     return acc
 
 
-def leaf_probs(tree: TokenTree, log_pi) -> np.ndarray:
-    """``P_pi(xi | s0)`` for all leaves, shape ``(P, V**H)``."""
+def leaf_probs(tree: TokenTree, log_pi):
+    """``P_pi(xi | s0)`` for all leaves, shape ``(P, V**H)`` (namespace-generic)."""
+    lp = leaf_logprobs(tree, log_pi)
     with np.errstate(under="ignore"):
-        return np.exp(leaf_logprobs(tree, log_pi))
+        return array_namespace(lp).exp(lp)
 
 
-def aggregate_to_edges(tree: TokenTree, g_leaf: np.ndarray) -> tuple[np.ndarray, ...]:
+def aggregate_to_edges(tree: TokenTree, g_leaf) -> tuple:
     """Sum a leaf array over each edge's subtree: ``G_h[p, s, a] = sum_{xi below s.a} g(xi)``.
 
     This is the chain rule for sequence log-likelihoods: since ``log P(xi)`` is a sum of the
     conditionals on its path, ``d/d log pi(a|s) sum_xi g(xi) log P(xi) = G_h[s, a]``.
-    Cost ``O(leaves)``: one reshape-and-sum per depth.
+    Cost ``O(leaves)``: one reshape and one sum over the ``V`` children per depth (column by
+    column on the CPU).  Namespace-generic; ``G_{H-1}`` is a view of ``g_leaf`` where the
+    namespace has views.
     """
-    g = np.asarray(g_leaf, dtype=float).reshape(tree.P, tree.n_leaves)
+    xp = array_namespace(g_leaf)
+    g = xp.reshape(as_float(g_leaf, xp), (tree.P, tree.n_leaves))
+    columns = kernel_profile(xp).column_reductions
     out = [None] * tree.H
     cur = g
     for h in range(tree.H - 1, -1, -1):
-        level = cur.reshape(tree.P, tree.V**h, tree.V)
+        level = xp.reshape(cur, (tree.P, tree.V**h, tree.V))
         out[h] = level
-        cur = level.sum(axis=-1)
+        cur = _sum_last(xp, level, columns)
     return tuple(out)
 
 
-def _xlogy_diff(p: np.ndarray, logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
-    """``p * (logp - logq)`` with the convention ``0 * anything = 0``."""
-    out = np.zeros_like(p)
-    pos = p > 0
+def _xlogy_diff(p, logp, logq):
+    """``p * (logp - logq)`` with the convention ``0 * anything = 0`` (namespace-generic)."""
+    xp = array_namespace(p, logp, logq)
     with np.errstate(invalid="ignore"):
-        out[pos] = p[pos] * (logp[pos] - logq[pos])
-    return out
+        d = p * (logp - logq)
+    return xp.where(p > 0, d, xp.zeros_like(d))
 
 
-def sequence_kl(tree: TokenTree, log_pi, log_pi_ref) -> np.ndarray:
+def sequence_kl(tree: TokenTree, log_pi, log_pi_ref):
     """Exact ``KL(P_pi(.|s0) || P_ref(.|s0))`` per prompt, shape ``(P,)``.
 
     .. math:: \\mathrm{KL} = \\sum_\\xi P_\\pi(\\xi)\\,[\\log P_\\pi(\\xi) - \\log P_{ref}(\\xi)]
 
     ``+inf`` when ``pi`` puts mass where ``pi_ref`` has none; terms with ``P_pi = 0`` are 0.
+    Namespace-generic.
     """
     lp = leaf_logprobs(tree, log_pi)
-    lq = leaf_logprobs(tree, log_pi_ref)
+    xp = array_namespace(lp)
+    lq = leaf_logprobs(tree, tuple(asarray(x, lp) for x in log_pi_ref))
     with np.errstate(under="ignore"):
-        p = np.exp(lp)
-    return _xlogy_diff(p, lp, lq).sum(axis=1)
+        p = xp.exp(lp)
+    return xp.sum(_xlogy_diff(p, lp, lq), axis=1)
 
 
-def sequence_entropy(tree: TokenTree, log_pi) -> np.ndarray:
+def sequence_entropy(tree: TokenTree, log_pi):
     """Exact sequence entropy ``H(P_pi(.|s0)) = -sum P log P`` per prompt, shape ``(P,)``."""
     lp = leaf_logprobs(tree, log_pi)
+    xp = array_namespace(lp)
     with np.errstate(under="ignore"):
-        p = np.exp(lp)
-    return -_xlogy_diff(p, lp, np.zeros_like(lp)).sum(axis=1)
+        p = xp.exp(lp)
+    return -xp.sum(_xlogy_diff(p, lp, xp.zeros_like(lp)), axis=1)
 
 
 def _check_rng(rng):
@@ -199,12 +239,25 @@ def _check_rng(rng):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
 
 
-def _categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
-    """Sample one index per row of ``probs`` (rows sum to 1) by inverse CDF."""
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(probs.shape[:-1]) * cdf[..., -1]
-    idx = (cdf <= u[..., None]).sum(axis=-1)
-    return np.minimum(idx, probs.shape[-1] - 1)
+def _inverse_cdf(xp, probs, u):
+    """One index per row of ``probs`` by inverse CDF, given uniforms ``u`` of shape ``probs.shape[:-1]``.
+
+    Rows need not be normalised (``u`` is scaled by the row total).  Namespace-generic.
+    """
+    cdf = xp.cumulative_sum(probs, axis=-1)
+    target = u * cdf[..., -1]
+    idx = xp.sum(xp.astype(cdf <= target[..., None], xp.int64), axis=-1)
+    return xp.minimum(idx, probs.shape[-1] - 1)
+
+
+def _categorical(rng: np.random.Generator, probs):
+    """Sample one index per row of ``probs`` (rows sum to 1) by inverse CDF.
+
+    The uniforms come from the host ``rng`` and are moved next to ``probs``.
+    """
+    xp = array_namespace(probs)
+    u = asarray(rng.random(probs.shape[:-1]), probs, xp=xp, dtype=probs.dtype)
+    return _inverse_cdf(xp, probs, u)
 
 
 def sample_completions(
@@ -216,8 +269,14 @@ def sample_completions(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ancestral sampling of ``n`` completions, vectorised over samples (loop over depth).
 
-    Returns ``(prompts, tokens)`` of shapes ``(n,)`` and ``(n, H)``; prompts are drawn from
-    ``rho0`` unless given.  The leaf index is ``tree.leaf_index(tokens)``.
+    Returns ``(prompts, tokens)`` of shapes ``(n,)`` and ``(n, H)`` as host NumPy arrays;
+    prompts are drawn from ``rho0`` unless given.  The leaf index is ``tree.leaf_index(tokens)``.
+
+    Namespace-generic with a host boundary: the random numbers come from the NumPy
+    ``Generator`` ``rng`` on the host (one ``rng.random(n)`` per depth, after the prompts), are
+    moved to the policy's device, and the inverse-CDF draw runs there; the sampled tokens come
+    back to the host, where the data structures they feed live.  For a given ``rng`` state the
+    samples are the same on every backend up to the rounding of the CDF (float32 included).
     """
     _check_rng(rng)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
@@ -225,41 +284,54 @@ def sample_completions(
     if prompts is None:
         prompts = _categorical(rng, np.broadcast_to(tree.rho0, (n, tree.P)))
     else:
-        prompts = np.asarray(prompts)
+        prompts = to_numpy(prompts)
         if prompts.shape != (n,) or not np.issubdtype(prompts.dtype, np.integer):
             raise ValueError(f"prompts must be an integer array of shape ({n},)")
         if n and (prompts.min() < 0 or prompts.max() >= tree.P):
             raise ValueError(f"prompts must lie in [0, P={tree.P})")
-    tokens = np.empty((n, tree.H), dtype=np.int64)
-    node = np.zeros(n, dtype=np.int64)
+    xp, levels = as_arrays(*log_pi)
+    pr = asarray(np.asarray(prompts, dtype=np.int64), levels[0], xp=xp)
+    node = xp.zeros_like(pr)
+    tokens = []
     for h in range(tree.H):
+        rows = xp.take(xp.reshape(levels[h], (-1, tree.V)), pr * tree.V**h + node, axis=0)
         with np.errstate(under="ignore"):
-            probs = np.exp(log_pi[h][prompts, node])
+            probs = xp.exp(rows)
         a = _categorical(rng, probs)
-        tokens[:, h] = a
+        tokens.append(a)
         node = node * tree.V + a
-    return prompts, tokens
+    if tree.H and n:
+        tok = to_numpy(xp.stack(tokens, axis=1)).astype(np.int64, copy=False)
+    else:
+        tok = np.empty((n, tree.H), dtype=np.int64)
+    return np.asarray(prompts), tok
 
 
 def sample_leaves(
-    tree: TokenTree, leaf_logp: np.ndarray, n: int, rng: np.random.Generator, prompts=None
+    tree: TokenTree, leaf_logp, n: int, rng: np.random.Generator, prompts=None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``n`` (prompt, leaf) pairs from a leaf distribution ``(P, V**H)`` by inverse CDF.
 
     Vectorised over prompts with one global ``searchsorted`` on the per-prompt CDFs offset by
-    the prompt index.
+    the prompt index.  Namespace-generic with the same host boundary as
+    :func:`sample_completions`: uniforms from the host ``rng``, samples returned on the host.
     """
     _check_rng(rng)
     if prompts is None:
         prompts = _categorical(rng, np.broadcast_to(tree.rho0, (n, tree.P)))
+    prompts = to_numpy(prompts)
+    xp = array_namespace(leaf_logp)
+    lp = xp.astype(as_float(leaf_logp, xp), xp.float64, copy=False)  # the CDF is searched in float64
     with np.errstate(under="ignore"):
-        p = np.exp(np.asarray(leaf_logp, dtype=float))
-    cdf = np.cumsum(p, axis=1)
+        p = xp.exp(lp)
+    cdf = xp.cumulative_sum(p, axis=1)
     cdf = cdf / cdf[:, -1:]
-    cdf[:, -1] = 1.0
-    flat = (cdf + np.arange(tree.P)[:, None]).ravel()
+    cdf = xp.concat([cdf[:, :-1], xp.ones_like(cdf[:, -1:])], axis=1)
+    offsets = asarray(np.arange(tree.P, dtype=np.float64), cdf, xp=xp, dtype=cdf.dtype)
+    flat = xp.reshape(cdf + offsets[:, None], (-1,))
     u = rng.random(n)
-    pos = np.searchsorted(flat, prompts + u, side="right")
+    target = asarray(prompts + u, cdf, xp=xp, dtype=cdf.dtype)
+    pos = to_numpy(xp.searchsorted(flat, target, side="right"))
     leaves = np.minimum(pos - prompts * tree.n_leaves, tree.n_leaves - 1)
     return prompts, leaves
 

@@ -26,9 +26,21 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import optimize, sparse
-from scipy.special import expit, log_expit, logsumexp
+from scipy.special import expit, log_expit
 
-from .policies import TabularPolicy, leaf_logprobs
+from ._backend import (
+    KernelProfile,
+    array_namespace,
+    as_arrays,
+    as_float,
+    asarray,
+    empty,
+    exp_floor,
+    float_dtype,
+    kernel_profile,
+    to_numpy,
+)
+from .policies import TabularPolicy, _max_last, _sum_last, leaf_logprobs
 from .preferences import PreferenceData
 from .rewards import TabularReward
 from .tree import TokenTree
@@ -88,53 +100,131 @@ class SoftOptimal:
     log_Z: np.ndarray
 
 
-def _lse_last(z: np.ndarray) -> np.ndarray:
-    """``logsumexp`` over a short last axis, column by column (fast for small ``V``).
+def _lse_rows(xp, z, floor: float, columns: bool):
+    """``log sum_a exp(z[..., a])`` over the last axis of one block (namespace-generic).
 
-    Rows need one finite entry; ``-inf`` entries contribute zero.
+    The steps: ``m = max_a z``; ``t = exp(max(z - m, floor))``; ``v = log(sum_a t) + m``.  With
+    ``columns`` the max and the sum run column by column (``V - 1`` elementwise operations,
+    left to right), else as ``xp.max``/``xp.sum`` over the axis.  The clamp at ``floor``
+    (:func:`toyrlhf._backend.exp_floor`: -700 in float64, -79 in float32) leaves the result
+    unchanged bit for bit and keeps NumPy's SIMD ``exp`` off its slow path for ``-inf`` and
+    underflowing arguments.  Rows need one finite entry; ``-inf`` entries contribute zero.
     """
-    # NumPy reductions over a short last axis are slow, so this works column by column:
-    # max, exp(z - max), sum, then one log per row.  Rows go in blocks of 64K values
-    # (512 KiB) so that the passes over a block hit L2 cache instead of streaming the whole
-    # array from memory once per column.  exp's SIMD loop drops to a slow path (4x here) on
-    # vectors holding -inf or arguments that underflow, so z - max is clamped at -700 first:
-    # exp(-700) ~ 1e-304 is absorbed exactly by the row's largest term exp(0) = 1, so the
-    # result is the same, bit for bit, as without blocking or clamping.
-    z = np.asarray(z, dtype=float)
+    m = _max_last(xp, z, columns)
+    t = z - m[..., None]
+    t = xp.maximum(t, floor)
+    t = xp.exp(t)
+    s = _sum_last(xp, t, columns)
+    v = xp.log(s)
+    v += m
+    return v
+
+
+def _lse_last(z, profile: KernelProfile | None = None):
+    """``logsumexp`` over a short last axis, in cache-sized blocks of rows on the CPU.
+
+    Namespace-generic (see :func:`_lse_rows` for the steps and the ``exp`` clamp).  NumPy
+    reductions over a short last axis are slow, so on the CPU the max and the sum run column by
+    column, over blocks of 64K values (512 KiB) so that the passes over a block hit L2 cache
+    instead of streaming the whole array from memory once per column; on a GPU
+    (:func:`toyrlhf._backend.kernel_profile`) the whole array is one block.  Blocking does not
+    change the result.  Rows need one finite entry; ``-inf`` entries contribute zero.
+    """
+    xp = array_namespace(z)
+    z = as_float(z, xp)
+    prof = kernel_profile(xp) if profile is None else profile
     V = z.shape[-1]
     lead = z.shape[:-1]
-    z2 = z.reshape(-1, V)
+    z2 = xp.reshape(z, (-1, V))
     R = z2.shape[0]
-    out = np.empty(R)
-    C = max(1, (1 << 16) // V)
-    k0 = min(C, R)
-    m = np.empty(k0)
-    s = np.empty(k0)
-    t = np.empty((k0, V))
-    floor = np.full((k0, V), -700.0)
+    floor = exp_floor(xp, z.dtype)
+    C = R if prof.block_edges is None else max(1, prof.block_edges // V)
     with np.errstate(under="ignore"):
+        if C >= R:
+            return xp.reshape(_lse_rows(xp, z2, floor, prof.column_reductions), lead)
+        out = empty(xp, (R,), z.dtype, z)
         for i0 in range(0, R, C):
             i1 = min(R, i0 + C)
-            k = i1 - i0
-            zc, mc, sc, tc, oc = z2[i0:i1], m[:k], s[:k], t[:k], out[i0:i1]
-            if V == 1:
-                np.copyto(mc, zc[:, 0])
-            else:
-                np.maximum(zc[:, 0], zc[:, 1], out=mc)
-            for a in range(2, V):
-                np.maximum(mc, zc[:, a], out=mc)
-            np.subtract(zc, mc[:, None], out=tc)
-            np.maximum(tc, floor[:k], out=tc)
-            np.exp(tc, out=tc)
-            if V == 1:
-                np.copyto(sc, tc[:, 0])
-            else:
-                np.add(tc[:, 0], tc[:, 1], out=sc)
-            for a in range(2, V):
-                sc += tc[:, a]
-            np.log(sc, out=oc)
-            oc += mc
-    return out.reshape(lead)
+            out[i0:i1] = _lse_rows(xp, z2[i0:i1, :], floor, prof.column_reductions)
+    return xp.reshape(out, lead)
+
+
+def _level_blocks(P: int, n: int, C: int | None) -> list[tuple[int, int, int, int]]:
+    """Blocks ``(p0, p1, i0, i1)`` of at most ``C`` nodes covering a level of ``P x n`` nodes.
+
+    One block when the level fits (or ``C`` is None: whole levels); else a range of nodes of
+    one prompt on wide levels, whole levels of several prompts on narrow ones.
+    """
+    if C is None or P * n <= C:
+        return [(0, P, 0, n)]
+    if n >= C:
+        return [(p, p + 1, i0, min(n, i0 + C)) for p in range(P) for i0 in range(0, n, C)]
+    return [(p0, min(P, p0 + C // n), 0, n) for p0 in range(0, P, C // n)]
+
+
+def _soft_value_iteration(xp, log_pi_ref, r, beta: float, return_policy: bool, profile: KernelProfile):
+    """The soft value iteration sweep of :func:`soft_optimal_policy` on validated arrays.
+
+    Namespace-generic: array-API operations only (slicing, reshape, in-place ``+=``/``-=`` on
+    arrays it allocated itself, ``xp.maximum``, ``xp.exp``, ``xp.log``, and ``xp.max``/``xp.sum``
+    under the device profile), with ``__setitem__`` into its own output buffers when a level is
+    split into blocks.  Returns ``(log_pi tuple or None, log_Z (P,))``.
+
+    One fused sweep per level, from the leaves up, over the blocks of :func:`_level_blocks`
+    (``profile.block_edges``: 64K edges = 512 KiB on the CPU, so a block and its temporaries
+    stay in L2; whole levels on a GPU).  For a block: ``z = V(children) + log pi_ref`` (with
+    ``V(leaf) = r / beta``); ``v = logsumexp_a z`` by the steps of :func:`_lse_rows`; the policy
+    ``z - v`` in place.  A level that is one block keeps its arrays as they are; a split level
+    writes its blocks into a policy array and into one value buffer of ``V**(H-1)`` per prompt,
+    which each level overwrites in place: block ``[i0, i1)`` reads its children from
+    ``[V*i0, V*i1)`` (into ``z``) before writing its values to ``[i0, i1)``, and later blocks
+    read from ``V*i1 >= i1`` onwards.  Each level is read once and written once.
+    """
+    P = r.shape[0]
+    H = len(log_pi_ref)
+    V = log_pi_ref[0].shape[-1]
+    dt = r.dtype
+    floor = exp_floor(xp, dt)
+    C = None if profile.block_edges is None else max(1, profile.block_edges // V)
+    columns = profile.column_reductions
+    out = [None] * H
+    value = None
+    below = r  # values of the level below: V(leaf) = r / beta, divided block by block
+    with np.errstate(under="ignore"):
+        for h in range(H - 1, -1, -1):
+            n = V**h
+            ref_h = log_pi_ref[h]
+            blocks = _level_blocks(P, n, C)
+            whole = len(blocks) == 1
+            if not whole:
+                if value is None:
+                    value = empty(xp, (P, V ** (H - 1)), dt, r)
+                if return_policy:
+                    out[h] = empty(xp, (P, n, V), dt, r)
+            for p0, p1, i0, i1 in blocks:
+                shape = (p1 - p0, i1 - i0, V)
+                child = xp.reshape(below[p0:p1, V * i0 : V * i1], shape)
+                if h == H - 1:
+                    z = child / beta
+                    z += ref_h[p0:p1, i0:i1, :]
+                else:
+                    z = child + ref_h[p0:p1, i0:i1, :]
+                v = _lse_rows(xp, z, floor, columns)
+                if return_policy:
+                    z -= v[..., None]
+                if whole:
+                    out[h] = z
+                    below = v
+                else:
+                    if return_policy:
+                        out[h][p0:p1, i0:i1, :] = z
+                    value[p0:p1, i0:i1] = v
+            if not whole:
+                below = value
+    log_Z = below[:, 0]
+    if below is value:  # do not keep the value buffer alive through a view
+        log_Z = xp.asarray(log_Z, copy=True)
+    return (tuple(out) if return_policy else None), log_Z
 
 
 def soft_optimal_policy(tree: TokenTree, log_pi_ref, reward, beta: float, return_policy: bool = True) -> SoftOptimal:
@@ -147,8 +237,13 @@ def soft_optimal_policy(tree: TokenTree, log_pi_ref, reward, beta: float, return
 
     equivalently ``P*(xi) = P_ref(xi) exp(r(xi)/beta) / Z(s0)`` with ``log Z = V(s0)``
     (Ziebart 2010; Rafailov et al. 2023, arXiv:2305.18290, eq. 4).  Cost ``O(leaves)`` with
-    a Python loop over depth only (and, for cache locality, over blocks of 64K edges).
-    ``-inf`` reference log-probs stay ``-inf``.
+    a Python loop over depth only (and, on the CPU, over cache-sized blocks of 64K edges; see
+    :func:`_soft_value_iteration`).  ``-inf`` reference log-probs stay ``-inf``; no NaN is
+    produced for valid inputs (every node has a token with ``pi_ref > 0``).
+
+    Namespace-generic: NumPy, CuPy or any array-API arrays (host data mixed with device arrays
+    is moved to their device); float32 inputs compute and return float32 (absolute error of
+    ``log Z`` about ``H (3 max|z| + V + 2)`` float32 epsilons, see ``tests/test_backend.py``).
 
     Parameters
     ----------
@@ -167,74 +262,42 @@ def soft_optimal_policy(tree: TokenTree, log_pi_ref, reward, beta: float, return
     [0.25, 0.75]
     """
     beta = _check_beta(beta)
-    r = tree.check_leaf_array("reward", reward)
-    log_pi_ref = tree.check_levels("log_pi_ref", log_pi_ref)
-    P, V, H = tree.P, tree.V, tree.H
-    # One fused sweep per level, from the leaves up, over blocks of at most C nodes (C*V = 64K
-    # edges, 512 KiB, so a block and its scratch stay in L2): a range of nodes of one prompt
-    # on wide levels, whole levels of several prompts on narrow ones.  For a block: z =
-    # V(children) + log pi_ref, written straight into the output level (or a scratch block
-    # when only log Z is wanted); then the steps of _lse_last (column max, exp of z - max
-    # clamped at -700, column sum, one log per node) while z is in cache; then the policy
-    # z - V(s) in place.  Each level is read once and written once, with no level-sized
-    # temporaries.  Values live in one buffer of V**(H-1) per prompt: block [i0, i1) reads
-    # its children from [V*i0, V*i1) before writing its values to [i0, i1), and later blocks
-    # read from V*i1 >= i1 onwards, so the sweep overwrites the level below in place.
-    C = max(1, (1 << 16) // V)
-    k0 = min(C, P * V ** (H - 1))
-    out = [np.empty((P, V**h, V)) for h in range(H)] if return_policy else None
-    zbuf = None if return_policy else np.empty(k0 * V)
-    tbuf, floor = np.empty(k0 * V), np.full(k0 * V, -700.0)
-    mbuf, sbuf = np.empty(k0), np.empty(k0)
-    value = np.empty((P, V ** (H - 1)))
-    below = r  # values of the level below: V(leaf) = r / beta, divided block by block
-    with np.errstate(under="ignore"):
-        for h in range(H - 1, -1, -1):
-            n = V**h
-            ref_h = log_pi_ref[h]
-            if n >= C:
-                blocks = [(p, p + 1, i0, min(n, i0 + C)) for p in range(P) for i0 in range(0, n, C)]
-            else:
-                blocks = [(p0, min(P, p0 + C // n), 0, n) for p0 in range(0, P, C // n)]
-            for p0, p1, i0, i1 in blocks:
-                shape = (p1 - p0, i1 - i0)
-                size = shape[0] * shape[1]
-                z = out[h][p0:p1, i0:i1] if return_policy else zbuf[: size * V].reshape(shape + (V,))
-                child = below[p0:p1, V * i0 : V * i1].reshape(shape + (V,))
-                if h == H - 1:
-                    np.divide(child, beta, out=z)
-                    z += ref_h[p0:p1, i0:i1]
-                else:
-                    np.add(child, ref_h[p0:p1, i0:i1], out=z)
-                m, s = mbuf[:size].reshape(shape), sbuf[:size].reshape(shape)
-                t = tbuf[: size * V].reshape(shape + (V,))
-                v = value[p0:p1, i0:i1]
-                np.maximum(z[..., 0], z[..., 1], out=m)  # V >= 2 for a TokenTree
-                for a in range(2, V):
-                    np.maximum(m, z[..., a], out=m)
-                np.subtract(z, m[..., None], out=t)
-                np.maximum(t, floor[: size * V].reshape(t.shape), out=t)
-                np.exp(t, out=t)
-                np.add(t[..., 0], t[..., 1], out=s)
-                for a in range(2, V):
-                    s += t[..., a]
-                np.log(s, out=v)
-                v += m
-                if return_policy:
-                    z -= v[..., None]
-            below = value
-    return SoftOptimal(tuple(out) if return_policy else None, value[:, 0].copy())
+    like = log_pi_ref[0] if isinstance(log_pi_ref, (tuple, list)) and log_pi_ref else None
+    r = tree.check_leaf_array("reward", reward, like=like)
+    log_pi_ref = tree.check_levels("log_pi_ref", log_pi_ref, like=r)
+    xp = array_namespace(r, *log_pi_ref)
+    dt = float_dtype(xp, r, log_pi_ref[0])
+    if r.dtype != dt:
+        r = xp.astype(r, dt)
+    if log_pi_ref[0].dtype != dt:
+        log_pi_ref = tuple(xp.astype(lp, dt) for lp in log_pi_ref)
+    log_pi, log_Z = _soft_value_iteration(xp, log_pi_ref, r, beta, return_policy, kernel_profile(xp))
+    return SoftOptimal(log_pi, log_Z)
 
 
-def soft_log_partition(tree: TokenTree, log_pi_ref, reward, beta: float) -> np.ndarray:
-    """``log Z(s0)`` of the soft-optimal policy, shape ``(P,)`` (soft value iteration)."""
+def soft_log_partition(tree: TokenTree, log_pi_ref, reward, beta: float):
+    """``log Z(s0)`` of the soft-optimal policy, shape ``(P,)`` (soft value iteration; generic)."""
     return soft_optimal_policy(tree, log_pi_ref, reward, beta, return_policy=False).log_Z
 
 
-def gibbs_policy(log_p_ref, reward, beta: float) -> tuple[np.ndarray, np.ndarray]:
+def _logsumexp(xp, z, axis: int = -1):
+    """``log sum exp`` along ``axis`` (a long axis: one ``xp.max`` and one ``xp.sum``).
+
+    Rows of only ``-inf`` give ``-inf`` (as ``scipy.special.logsumexp``).  Namespace-generic.
+    """
+    m = xp.max(z, axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    with np.errstate(under="ignore", divide="ignore"):
+        out = xp.log(xp.sum(xp.exp(z - m), axis=axis, keepdims=True)) + m
+    return xp.squeeze(out, axis=axis)
+
+
+def gibbs_policy(log_p_ref, reward, beta: float):
     """The Gibbs form of the soft-optimal sequence distribution, on leaves.
 
     .. math:: \\log P^*(\\xi|s_0) = \\log P_{ref}(\\xi|s_0) + r(\\xi)/\\beta - \\log Z(s_0)
+
+    Namespace-generic (float32 stays float32).
 
     Parameters
     ----------
@@ -243,38 +306,44 @@ def gibbs_policy(log_p_ref, reward, beta: float) -> tuple[np.ndarray, np.ndarray
 
     Returns
     -------
-    log_p : same shape; log_Z : (P,) or scalar
+    log_p : same shape; log_Z : (P,) or 0-d
+
+    Examples
+    --------
+    >>> log_p, log_Z = gibbs_policy(np.log([0.5, 0.5]), np.log([1.0, 3.0]), beta=1.0)
+    >>> np.exp(log_p).round(3).tolist(), round(float(log_Z), 6)  # log 2
+    ([0.25, 0.75], 0.693147)
     """
     beta = _check_beta(beta)
-    lp = np.asarray(log_p_ref, dtype=float)
-    r = np.asarray(reward, dtype=float)
+    xp, (lp, r) = as_arrays(log_p_ref, reward)
+    lp, r = as_float(lp, xp), as_float(r, xp)
     if lp.shape != r.shape:
         raise ValueError(f"log_p_ref and reward must have the same shape, got {lp.shape} and {r.shape}")
-    if np.isnan(lp).any() or np.any(lp == np.inf):
+    if not bool(xp.all(lp < xp.inf)):
         raise ValueError("log_p_ref must be log-probabilities (no NaN or +inf)")
-    if not np.all(np.isfinite(r)):
+    if not bool(xp.all(xp.isfinite(r))):
         raise ValueError("reward must be finite")
     z = lp + r / beta
-    log_Z = logsumexp(z, axis=-1)
-    return z - np.expand_dims(log_Z, -1), log_Z
+    log_Z = _logsumexp(xp, z, axis=-1)
+    return z - xp.expand_dims(log_Z, axis=-1), log_Z
 
 
 def kl_regularized_objective(tree: TokenTree, log_pi, log_pi_ref, reward, beta: float) -> np.ndarray:
     """``J(pi) = E_{P_pi}[r] - beta KL(P_pi || P_ref)`` per prompt, shape ``(P,)``.
 
     ``-inf`` when ``pi`` puts mass where ``pi_ref`` has none.  Average with ``tree.average``.
+    Namespace-generic.
     """
     beta = _check_beta(beta)
-    r = tree.check_leaf_array("reward", reward)
     lp = leaf_logprobs(tree, log_pi)
-    lq = leaf_logprobs(tree, log_pi_ref)
+    xp = array_namespace(lp)
+    r = tree.check_leaf_array("reward", reward, like=lp)
+    lq = leaf_logprobs(tree, tuple(asarray(x, lp) for x in log_pi_ref))
     with np.errstate(under="ignore"):
-        p = np.exp(lp)
-    pos = p > 0
-    term = np.zeros_like(p)
+        p = xp.exp(lp)
     with np.errstate(invalid="ignore"):
-        term[pos] = p[pos] * (r[pos] - beta * (lp[pos] - lq[pos]))
-    return term.sum(axis=1)
+        term = p * (r - beta * (lp - lq))
+    return xp.sum(xp.where(p > 0, term, xp.zeros_like(term)), axis=1)
 
 
 def implicit_reward(leaf_logp, leaf_logp_ref, beta: float) -> np.ndarray:
@@ -282,17 +351,14 @@ def implicit_reward(leaf_logp, leaf_logp_ref, beta: float) -> np.ndarray:
 
     Defined up to the per-prompt constant ``beta log Z(s0)``, which cancels in Bradley–Terry.
     ``+inf`` where ``P_ref = 0 < P_pi``; ``-inf`` where ``P_pi = 0`` (including ``0/0``, where
-    it is undefined and carries no probability).
+    it is undefined and carries no probability).  Namespace-generic.
     """
     beta = _check_beta(beta)
-    lp = np.asarray(leaf_logp, dtype=float)
-    lq = np.asarray(leaf_logp_ref, dtype=float)
-    out = np.full(np.broadcast(lp, lq).shape, -np.inf)
-    pos = np.broadcast_to(np.isfinite(lp), out.shape)
-    lpb, lqb = np.broadcast_to(lp, out.shape), np.broadcast_to(lq, out.shape)
+    xp, (lp, lq) = as_arrays(leaf_logp, leaf_logp_ref)
+    lp, lq = as_float(lp, xp), as_float(lq, xp)
     with np.errstate(invalid="ignore"):
-        out[pos] = beta * (lpb[pos] - lqb[pos])
-    return out
+        d = beta * (lp - lq)
+    return xp.where(xp.isfinite(lp), d, xp.full_like(d, -xp.inf))
 
 
 # ====================================================================== separability (LP)
@@ -302,8 +368,11 @@ def separation_direction(D, tol: float = 1e-9) -> np.ndarray | None:
     Solves ``max 1^T D u`` s.t. ``D u >= 0``, ``-1 <= u <= 1`` with HiGHS.  When such ``u``
     exists every logistic margin can grow without bound and the Bradley–Terry maximum
     likelihood estimate is not attained (Albert & Anderson 1984, Biometrika 71(1)).
+
+    Host boundary: HiGHS (``scipy.optimize.linprog``) runs on the CPU; a dense ``D`` of any
+    namespace is converted with :func:`toyrlhf._backend.to_numpy`.
     """
-    D = sparse.csr_array(D) if sparse.issparse(D) else np.asarray(D, dtype=float)
+    D = sparse.csr_array(D) if sparse.issparse(D) else np.asarray(to_numpy(D), dtype=float)
     d = D.shape[1]
     c = -np.asarray(D.sum(axis=0)).ravel()
     res = optimize.linprog(c, A_ub=-D, b_ub=np.zeros(D.shape[0]), bounds=[(-1, 1)] * d, method="highs")
@@ -395,6 +464,9 @@ def reward_mle(
     Unobserved completions (partial coverage) keep the value of the starting point (0): the
     MLE is then a set, ``params + null_space @ c`` for any ``c`` (``null_space`` is computed
     for classes of at most 2048 parameters, else ``None``).
+
+    Host boundary: ``scipy.optimize`` works on NumPy arrays on the CPU; the reward class and
+    the data are host objects, and the returned fit holds NumPy arrays.
     """
     tree = reward_class.tree
     data.check_tree(tree)
@@ -481,16 +553,25 @@ def dpo_loss(policy_class, theta, data: PreferenceData, leaf_logp_ref, beta: flo
 
     (Rafailov et al. 2023, arXiv:2305.18290, eq. 7).  The leaf gradient is scattered with
     ``bincount`` and pulled back by the class's ``leaf_logprobs_vjp``.
+
+    Called by ``scipy.optimize``, so it returns host values (a float and a NumPy gradient).
+    The class may compute on a device (e.g. :class:`SoftOptimalPolicyClass` with a CuPy
+    ``log_pi_ref``): the tree-sized work (policy, leaf log-probs, the vjp's tree sums) stays
+    there, and only the ``M`` log-probs of the data and the leaf gradient cross to the host
+    (:func:`toyrlhf._backend.to_numpy`).
     """
     tree = policy_class.tree
     log_pi = policy_class.conditionals(theta)
     lp = leaf_logprobs(tree, log_pi)
+    xp = array_namespace(lp)
     c, rj = data.flat_indices(tree)
-    ref = np.asarray(leaf_logp_ref).ravel()
-    lpf = lp.ravel()
-    if np.any(np.isneginf(lpf[c])) or np.any(np.isneginf(lpf[rj])):
+    ref = to_numpy(leaf_logp_ref).ravel()
+    lpf = xp.reshape(lp, (-1,))
+    lpc = to_numpy(xp.take(lpf, asarray(c, lp))) if xp is not np else lpf[c]
+    lpr = to_numpy(xp.take(lpf, asarray(rj, lp))) if xp is not np else lpf[rj]
+    if np.any(np.isneginf(lpc)) or np.any(np.isneginf(lpr)):
         raise ValueError("the policy class gives probability zero to a completion in the data: DPO's log-ratio is undefined")
-    rho = (lpf[c] - ref[c]) - (lpf[rj] - ref[rj])
+    rho = (lpc - ref[c]) - (lpr - ref[rj])
     loss = -np.dot(data.weight, log_expit(beta * rho))
     gm = -data.weight * beta * expit(-beta * rho)
     size = tree.P * tree.n_leaves
@@ -567,6 +648,7 @@ def dpo_tabular(data: PreferenceData, tree: TokenTree, log_pi_ref, beta: float, 
 
 # ====================================================================== KL projections
 def _fit(fun, theta0, tol, maxiter):
+    """L-BFGS-B on the host (``fun`` returns a float and a NumPy gradient)."""
     res = optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B", options={"gtol": tol, "ftol": 1e-15, "maxiter": maxiter, "maxcor": 30})
     return res
 
@@ -578,12 +660,13 @@ def rkl_objective(policy_class, theta, target_leaf_logp) -> tuple[float, np.ndar
               [\\log P_\\theta(\\xi) - \\log Q(\\xi)]\\, \\nabla_\\theta \\log P_\\theta(\\xi)
 
     (the ``+1`` term vanishes because ``sum_xi nabla P_theta(xi) = 0``).  Raises if the policy
-    puts mass where ``Q`` has none (the KL is infinite).
+    puts mass where ``Q`` has none (the KL is infinite).  Host boundary (it feeds
+    ``scipy.optimize``): leaf arrays are converted with :func:`toyrlhf._backend.to_numpy`.
     """
     tree = policy_class.tree
-    q = np.asarray(target_leaf_logp, dtype=float)
+    q = np.asarray(to_numpy(target_leaf_logp), dtype=float)
     log_pi = policy_class.conditionals(theta)
-    lp = leaf_logprobs(tree, log_pi)
+    lp = to_numpy(leaf_logprobs(tree, log_pi))
     with np.errstate(under="ignore"):
         p = np.exp(lp)
     pos = p > 0
@@ -600,9 +683,10 @@ def rkl_projection(policy_class, target_leaf_logp, theta0=None, tol: float = 1e-
 
     Mode-seeking (slides 001, "Recap: Forward and Reverse KL").  Minimises
     :func:`rkl_objective` with L-BFGS.  ``target_leaf_logp`` is ``(P, N)`` (``-inf`` allowed).
+    Host boundary: ``scipy.optimize`` on NumPy arrays (the target is converted with ``to_numpy``).
     """
     tree = policy_class.tree
-    q = tree.check_leaf_array("target_leaf_logp", target_leaf_logp, allow_neg_inf=True)
+    q = to_numpy(tree.check_leaf_array("target_leaf_logp", target_leaf_logp, allow_neg_inf=True))
     theta0 = policy_class.init() if theta0 is None else theta0
     res = _fit(lambda t: rkl_objective(policy_class, t, q), theta0, tol, maxiter)
     log_pi = policy_class.conditionals(res.x)
@@ -622,12 +706,15 @@ def soft_rl_projection(policy_class, log_pi_ref, reward, beta: float, **kw) -> P
 
 
 def cross_entropy_objective(policy_class, theta, weights) -> tuple[float, np.ndarray]:
-    """``-sum_{p, xi} w[p, xi] log P_theta(xi | p)`` and its gradient, for joint weights ``w >= 0``."""
+    """``-sum_{p, xi} w[p, xi] log P_theta(xi | p)`` and its gradient, for joint weights ``w >= 0``.
+
+    Host boundary (it feeds ``scipy.optimize``): leaf arrays are converted with ``to_numpy``.
+    """
     tree = policy_class.tree
-    w = np.asarray(weights, dtype=float)
+    w = np.asarray(to_numpy(weights), dtype=float)
     pos = w > 0
     log_pi = policy_class.conditionals(theta)
-    lp = leaf_logprobs(tree, log_pi)
+    lp = to_numpy(leaf_logprobs(tree, log_pi))
     if np.any(np.isneginf(lp[pos])):
         raise ValueError("the policy class gives zero probability to a target completion: cross-entropy is infinite")
     return -float((w[pos] * lp[pos]).sum()), policy_class.leaf_logprobs_vjp(theta, -w, log_pi=log_pi)
@@ -648,10 +735,11 @@ def fkl_projection(policy_class, target_probs, theta0=None, tol: float = 1e-10, 
 
     Mode-covering.  ``target_probs`` is a leaf distribution ``(P, N)``.  If ``Q`` has zeros
     that the class can only approach (e.g. tabular logits), the optimum lies at infinity and
-    the fit stops where the optimiser meets its tolerance.
+    the fit stops where the optimiser meets its tolerance.  Host boundary: ``scipy.optimize``
+    on NumPy arrays (the target is converted with ``to_numpy``).
     """
     tree = policy_class.tree
-    q = tree.check_leaf_array("target_probs", target_probs)
+    q = to_numpy(tree.check_leaf_array("target_probs", target_probs))
     if np.any(q < 0):
         raise ValueError("target_probs must be non-negative")
     return _cross_entropy_fit(policy_class, tree.rho0[:, None] * q, theta0, tol, maxiter)
@@ -683,6 +771,12 @@ class SoftOptimalPolicyClass:
     DPO over this class equals reward MLE over ``R`` (the log-partition cancels in the margin):
     restricting the policy class closes the generation–verification gap (Swamy et al. 2025,
     arXiv:2503.01067).
+
+    Namespace-generic in ``log_pi_ref``: with device arrays (e.g. CuPy) the soft value
+    iteration, the leaf log-probabilities and the centring of the leaf gradient run on the
+    device; the parameters ``w`` and the reward class (its ``reward`` and ``vjp``) stay on the
+    host, so ``reward(w)`` is moved to the device and the centred gradient comes back with
+    :func:`toyrlhf._backend.to_numpy` before ``reward_class.vjp``.
     """
 
     reward_class: object
@@ -712,8 +806,10 @@ class SoftOptimalPolicyClass:
 
     def leaf_logprobs_vjp(self, theta, g_leaf, log_pi=None):
         log_pi = self.conditionals(theta) if log_pi is None else log_pi
+        lp = leaf_logprobs(self.tree, log_pi)
+        xp = array_namespace(lp)
         with np.errstate(under="ignore"):
-            p = np.exp(leaf_logprobs(self.tree, log_pi))
-        g = np.asarray(g_leaf, dtype=float)
-        return self.reward_class.vjp(g - p * g.sum(axis=1, keepdims=True)) / self.beta
+            p = xp.exp(lp)
+        g = as_float(g_leaf, xp, like=lp)
+        return self.reward_class.vjp(to_numpy(g - p * xp.sum(g, axis=1, keepdims=True))) / self.beta
 

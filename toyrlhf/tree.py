@@ -24,9 +24,10 @@ the first EOS, plus one); every other leaf has probability zero under every poli
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
+
+from ._backend import array_namespace, as_float, asarray, float_dtype, to_numpy
 
 __all__ = ["TokenTree", "GiB"]
 
@@ -210,8 +211,13 @@ class TokenTree:
             self._cache["lengths"] = n
         return self._cache["lengths"]
 
-    def apply_eos(self, log_pi: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-        """Force absorbed nodes to emit EOS with probability 1 (log-prob 0, others ``-inf``)."""
+    def apply_eos(self, log_pi: tuple) -> tuple:
+        """Force absorbed nodes to emit EOS with probability 1 (log-prob 0, others ``-inf``).
+
+        Namespace-generic: each level stays in its namespace, dtype and device; the cached host
+        masks are moved next to it and applied with ``xp.where`` (a new array per level that has
+        absorbed nodes; other levels are returned as they are).
+        """
         if self.eos is None:
             return tuple(log_pi)
         out = []
@@ -220,50 +226,68 @@ class TokenTree:
         for h, lp in enumerate(log_pi):
             mask = self.absorbed(h)
             if mask.any():
-                lp = np.array(lp, copy=True)
-                lp[:, mask, :] = row
+                xp = array_namespace(lp)
+                lp = asarray(lp, xp=xp)
+                lp = xp.where(asarray(mask[None, :, None], lp), asarray(row, lp, dtype=lp.dtype), lp)
             out.append(lp)
         return tuple(out)
 
     # ------------------------------------------------------------------ misc
     def average(self, per_prompt) -> float:
-        """``E_{s0 ~ rho0}`` of a per-prompt quantity of shape ``(P,)``."""
-        x = np.asarray(per_prompt, dtype=float)
+        """``E_{s0 ~ rho0}`` of a per-prompt quantity of shape ``(P,)`` (any namespace; a float)."""
+        x = np.asarray(to_numpy(per_prompt), dtype=float)
         if x.shape != (self.P,):
             raise ValueError(f"per_prompt must have shape (P,)=({self.P},), got {x.shape}")
         mask = self.rho0 > 0
         return float(np.dot(self.rho0[mask], x[mask]))
 
-    def check_leaf_array(self, name: str, x, allow_neg_inf: bool = False) -> np.ndarray:
-        """Validate a leaf array of shape ``(P, V**H)`` (or ``(V**H,)``, broadcast over prompts)."""
-        a = np.asarray(x, dtype=float)
+    def check_leaf_array(self, name: str, x, allow_neg_inf: bool = False, like=None):
+        """Validate a leaf array of shape ``(P, V**H)`` (or ``(V**H,)``, broadcast over prompts).
+
+        Namespace-generic: the result is an array of ``x``'s namespace (of ``like``'s when ``x``
+        is host data and ``like`` is a device array), float32 or float64 as given (other dtypes
+        become float64).  One pass over the data checks for NaN and infinities.
+        """
+        xp = array_namespace(x, like)
+        a = as_float(x, xp, like)
         if a.shape == (self.n_leaves,):
-            a = np.broadcast_to(a, (self.P, self.n_leaves))
+            a = xp.broadcast_to(a, (self.P, self.n_leaves))
         if a.shape != (self.P, self.n_leaves):
             raise ValueError(
                 f"{name} must have shape (P, V**H)=({self.P}, {self.n_leaves}) or ({self.n_leaves},), "
                 f"got {a.shape}"
             )
-        if np.isnan(a).any():
-            raise ValueError(f"{name} contains NaN")
-        if allow_neg_inf:
-            if np.any(a == np.inf):
+        ok = bool(xp.all(a < xp.inf)) if allow_neg_inf else bool(xp.all(xp.isfinite(a)))
+        if not ok:
+            if bool(xp.any(xp.isnan(a))):
+                raise ValueError(f"{name} contains NaN")
+            if allow_neg_inf:
                 raise ValueError(f"{name} contains +inf")
-        elif not np.all(np.isfinite(a)):
             raise ValueError(f"{name} must be finite (got inf)")
         return a
 
-    def check_levels(self, name: str, log_pi) -> tuple[np.ndarray, ...]:
-        """Validate conditional log-probabilities: a sequence of ``H`` arrays ``(P, V**h, V)``."""
+    def check_levels(self, name: str, log_pi, like=None) -> tuple:
+        """Validate conditional log-probabilities: a sequence of ``H`` arrays ``(P, V**h, V)``.
+
+        Namespace-generic like :meth:`check_leaf_array`; the levels are cast to one floating
+        dtype.  A level passes if every entry is ``<= tol`` (which also rejects NaN), with
+        ``tol = max(1e-9, 4 eps)`` of its dtype (``1e-9`` for float64, ``4.8e-7`` for float32).
+        """
         if not isinstance(log_pi, (tuple, list)) or len(log_pi) != self.H:
             raise TypeError(f"{name} must be a tuple of H={self.H} per-level arrays (P, V**h, V)")
+        xp = array_namespace(*log_pi, like)
+        like = next((x for x in (*log_pi, like) if array_namespace(x) is xp and xp is not np), None)
+        levels = [as_float(lp, xp, like) for lp in log_pi]
+        dt = float_dtype(xp, *levels)
+        tol = max(1e-9, 4 * float(xp.finfo(dt).eps))
         out = []
-        for h, lp in enumerate(log_pi):
-            lp = np.asarray(lp, dtype=float)
+        for h, lp in enumerate(levels):
             want = (self.P, self.V**h, self.V)
             if lp.shape != want:
                 raise ValueError(f"{name}[{h}] must have shape {want}, got {lp.shape}")
-            if np.isnan(lp).any() or np.any(lp > 1e-9):
+            if lp.dtype != dt:
+                lp = xp.astype(lp, dt)
+            if not bool(xp.all(lp <= tol)):
                 raise ValueError(f"{name}[{h}] must be log-probabilities (<= 0, no NaN)")
             out.append(lp)
         return tuple(out)

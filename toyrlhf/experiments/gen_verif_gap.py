@@ -50,6 +50,14 @@ Metrics
 (slides 000) this is exactly the suboptimality of ``pi`` in the gold KL-regularised objective,
 divided by ``beta``.  Also the gold reward ``E_{P_pi}[r*]``.
 
+Backends
+--------
+``Config.backend`` picks the array namespace of the tree-sized work (:mod:`toyrlhf._backend`):
+the gold optimum, every estimator's soft-optimal policy and its metrics, and DPO's policy
+class ``Pi(R)`` (soft value iteration inside L-BFGS) run on NumPy, CuPy (a GPU) or
+``array_api_strict``; the preference data, the reward-model fits and L-BFGS stay on the host
+(scipy).  ``Config.gpu()`` is a scaled-up preset for one GPU.
+
 Reward-model size sweep
 -----------------------
 RLHF with each level of :func:`~toyrlhf.rewards.feature_family` (``unigram ⊂ position ⊂ bigram
@@ -66,6 +74,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize, sparse
 
+from .._backend import BACKENDS, asarray, backend_namespace
 from ..plotting import COLORS, new_figure, style
 from ..policies import leaf_logprobs, random_policy, sequence_kl
 from ..preferences import sample_preferences
@@ -86,7 +95,7 @@ from ..rewards import (
     position_token,
     random_linear_reward,
 )
-from ..tree import TokenTree
+from ..tree import GiB, TokenTree
 
 __all__ = ["NAME", "TITLE", "Config", "Result", "run", "figure", "plot_kl", "plot_gold",
            "plot_reward_size", "dpo_weight_decay", "METHODS"]
@@ -126,10 +135,30 @@ class Config:
     """Gradient tolerance of the DPO L-BFGS fits and of the reward MLEs."""
     seed: int = 0
     """Seed of pi_ref, the gold reward and the datasets."""
+    backend: str = "numpy"
+    """Array backend of the exact tree computations ('numpy', 'cupy' for a GPU, 'array_api_strict'): soft value iteration, leaf probabilities and KLs of every estimator, and DPO's policy class; the fits (scipy) and the data stay on the host."""
+    memory_gib: float = 4.0
+    """Memory budget of the tree in GiB (TokenTree.memory_budget): a tree whose estimated working set exceeds it is refused up front."""
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @classmethod
     def quick(cls) -> Config:
         return cls(sizes=(50, 1000), n_seeds=5, levels=("unigram", "position", "tabular"))
+
+    @classmethod
+    def gpu(cls) -> Config:
+        """Scaled up for one GPU (not run in CI): 8-ary trees of depth 8, 16.7M leaves per prompt.
+
+        4 prompts (67M leaves, an estimated 8.6 GiB working set against a 64 GiB budget), 4
+        datasets per size, on CuPy.  The tree-sized work runs on the GPU; the fits do not: the
+        tabular reward MLE (Newton-CG over 67M parameters), the separability LP (HiGHS) and the
+        L-BFGS of DPO run on the host and dominate at this size.
+        """
+        return cls(V=8, H=8, P=4, sizes=(1000, 10_000, 100_000), n_seeds=4,
+                   levels=("unigram", "position", "tabular"), backend="cupy", memory_gib=64.0)
 
 
 @dataclass(frozen=True)
@@ -209,19 +238,23 @@ def _reward_class(tree: TokenTree, level: str):
 def run(config: Config = Config(), progress: bool = False) -> Result:
     c = config
     rng = np.random.default_rng(c.seed)
-    tree = TokenTree(V=c.V, H=c.H, P=c.P)
+    xp = backend_namespace(c.backend)
+    tree = TokenTree(V=c.V, H=c.H, P=c.P, memory_budget=c.memory_gib * GiB)
     ref = random_policy(tree, rng, temperature=c.ref_temperature)
     ref_lp = leaf_logprobs(tree, ref)
     phi = position_token(tree)
     gold, _ = random_linear_reward(tree, phi, rng, scale=c.gold_scale)
-    star = soft_optimal_policy(tree, ref, gold, c.beta).log_pi
+    # tree-sized arrays on the backend (host NumPy stays NumPy); rewards fitted on the host move there
+    ref_x = tuple(asarray(lp, xp=xp) for lp in ref)
+    gold_x = asarray(gold, xp=xp)
+    star = soft_optimal_policy(tree, ref_x, gold_x, c.beta).log_pi
 
     def metrics(reward):
         """KL(P_pi || P*) and E_pi[r*] of the soft-optimal policy of ``reward``, and its leaf probs."""
-        log_pi = soft_optimal_policy(tree, ref, reward, c.beta).log_pi
+        log_pi = soft_optimal_policy(tree, ref_x, reward, c.beta).log_pi
         with np.errstate(under="ignore"):
-            p = np.exp(leaf_logprobs(tree, log_pi))
-        return tree.average(sequence_kl(tree, log_pi, star)), tree.average((p * gold).sum(axis=1)), p
+            p = xp.exp(leaf_logprobs(tree, log_pi))
+        return tree.average(sequence_kl(tree, log_pi, star)), tree.average(xp.sum(p * gold_x, axis=1)), p
 
     simple = LinearReward(tree, phi)
     tab = TabularReward(tree)
@@ -247,13 +280,13 @@ def run(config: Config = Config(), progress: bool = False) -> Result:
         fits = {}
         for j, (name, rc) in enumerate(classes.items()):
             rfit = reward_mle(data, rc, l2=l2, tol=c.tol, warn=False)
-            pcls = SoftOptimalPolicyClass(rc, ref, c.beta)
+            pcls = SoftOptimalPolicyClass(rc, ref_x, c.beta)
             w_dpo, g_dpo = dpo_weight_decay(pcls, data, ref_lp, c.beta, l2, tol=c.tol)
             g_rlhf = float(np.linalg.norm(bt_loss(data, rc, rfit.params, l2)[1]))
             kl_r, gd_r, p_r = metrics(rfit.reward)
             kl_d, gd_d, p_d = metrics(rc.reward(w_dpo))
             fits[name] = (kl_r, gd_r, kl_d, gd_d)
-            cdp[j, i, k] = np.abs(p_r - p_d).max()
+            cdp[j, i, k] = float(xp.max(xp.abs(p_r - p_d)))
             cdw[j, i, k] = np.abs(rfit.params - w_dpo).max()
             cbound[j, i, k] = (g_rlhf + g_dpo) / l2
             att[j, i, k] = separation_direction(_design_rows(rc, data)) is None
@@ -269,7 +302,7 @@ def run(config: Config = Config(), progress: bool = False) -> Result:
                 rfit = reward_mle(data, rc, l2=l2, tol=c.tol, warn=False)
                 kl_lv[j, i, k], gd_lv[j, i, k], _ = metrics(rfit.reward)
     with np.errstate(under="ignore"):
-        p_ref, p_star = np.exp(ref_lp), np.exp(leaf_logprobs(tree, star))
+        p_ref, p_star = xp.exp(asarray(ref_lp, xp=xp)), xp.exp(leaf_logprobs(tree, star))
     return Result(
         config=c,
         sizes=np.asarray(c.sizes),
@@ -284,10 +317,10 @@ def run(config: Config = Config(), progress: bool = False) -> Result:
         level_params=np.array([rc.n_params for rc in level_classes]),
         kl_levels=kl_lv,
         gold_levels=gd_lv,
-        kl_ref=tree.average(sequence_kl(tree, ref, star)),
-        gold_ref=tree.average((p_ref * gold).sum(axis=1)),
-        gold_star=tree.average((p_star * gold).sum(axis=1)),
-        kl_star_ref=tree.average(sequence_kl(tree, star, ref)),
+        kl_ref=tree.average(sequence_kl(tree, ref_x, star)),
+        gold_ref=tree.average(xp.sum(p_ref * gold_x, axis=1)),
+        gold_star=tree.average(xp.sum(p_star * gold_x, axis=1)),
+        kl_star_ref=tree.average(sequence_kl(tree, star, ref_x)),
     )
 
 

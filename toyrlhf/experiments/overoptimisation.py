@@ -31,6 +31,10 @@ increasing in ``n``; ``d/db E_b[r] = -Var_b[r] / b^2``).  The gold curves are fi
 squares in ``(alpha, beta)`` (both forms are linear in them), over the points with ``d > 0``;
 the result reports the coefficients, ``R^2`` and the RMS residual, and, for contrast, ``R^2`` of
 the one-parameter line ``alpha d`` (no downturn).
+
+Backends: ``Config.backend`` picks the array namespace of the tree-sized work (best-of-``n``,
+soft value iteration, leaf probabilities, KLs; :mod:`toyrlhf._backend`); the preference data and
+the proxy's fit stay on the host.  ``Config.gpu()`` is a scaled-up preset for one GPU.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._backend import BACKENDS, asarray, backend_namespace
 from ..best_of_n import best_of_n_kl, best_of_n_logprobs
 from ..plotting import COLORS, new_figure, style
 from ..policies import leaf_logprobs, random_policy, sequence_kl
@@ -46,7 +51,7 @@ from ..preferences import sample_preferences
 from ..progress import progress_bar
 from ..projections import reward_mle, soft_optimal_policy
 from ..rewards import FAMILY_LEVELS, LinearReward, TabularReward, feature_family
-from ..tree import TokenTree
+from ..tree import GiB, TokenTree
 
 __all__ = ["NAME", "TITLE", "Config", "Result", "run", "figure", "gold_reward", "fit_gao",
            "plot_best_of_n", "plot_rl", "plot_hacking"]
@@ -83,8 +88,14 @@ class Config:
     """Largest and smallest KL coefficient b of the RL path (d grows as b shrinks)."""
     seed: int = 0
     """Seed of pi_ref and the preference data."""
+    backend: str = "numpy"
+    """Array backend of the exact tree computations ('numpy', 'cupy' for a GPU, 'array_api_strict'): best-of-n, soft value iteration, leaf probabilities and KLs; the data and the proxy's fit stay on the host."""
+    memory_gib: float = 4.0
+    """Memory budget of the tree in GiB (TokenTree.memory_budget): a tree whose estimated working set exceeds it is refused up front."""
 
     def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.proxy_class not in FAMILY_LEVELS:
             raise ValueError(f"proxy_class must be one of {FAMILY_LEVELS}, got {self.proxy_class!r}")
         if self.V > len(self.token_values):
@@ -93,6 +104,16 @@ class Config:
     @classmethod
     def quick(cls) -> Config:
         return cls(H=4, P=2, n_data=500, n_max=3000, n_points=20)
+
+    @classmethod
+    def gpu(cls) -> Config:
+        """Scaled up for one GPU (not run in CI): 8-ary trees of depth 8, 16.7M leaves per prompt.
+
+        4 prompts (67M leaves, an estimated 8.6 GiB working set against a 64 GiB budget), 8 token
+        values, 20,000 comparisons for the proxy, best-of-n up to 10^6, on CuPy.
+        """
+        return cls(V=8, H=8, P=4, token_values=(1.0, 0.8, 0.6, 0.4, 0.2, 0.0, -0.2, -0.4),
+                   n_data=20_000, n_max=1_000_000, n_points=40, backend="cupy", memory_gib=64.0)
 
 
 @dataclass(frozen=True)
@@ -178,7 +199,8 @@ def fit_gao(d, gold, form: str) -> tuple[np.ndarray, float, float]:
 def run(config: Config = Config(), progress: bool = False) -> Result:
     c = config
     rng = np.random.default_rng(c.seed)
-    tree = TokenTree(V=c.V, H=c.H, P=c.P)
+    xp = backend_namespace(c.backend)
+    tree = TokenTree(V=c.V, H=c.H, P=c.P, memory_budget=c.memory_gib * GiB)
     ref = random_policy(tree, rng, temperature=c.ref_temperature)
     ref_lp = leaf_logprobs(tree, ref)
     gold = np.broadcast_to(gold_reward(tree, c.token_values, c.repeat_penalty), (tree.P, tree.n_leaves))
@@ -188,12 +210,15 @@ def run(config: Config = Config(), progress: bool = False) -> Result:
     rc = TabularReward(tree) if c.proxy_class == "tabular" else LinearReward(tree, feature_family(tree, c.proxy_class))
     rfit = reward_mle(data, rc, l2=1.0 / data.n, warn=False)
     proxy = rfit.reward
+    # from here on the tree-sized arrays live on the backend (NumPy arrays stay as they are)
+    ref, ref_lp, proxy = tuple(asarray(x, xp=xp) for x in ref), asarray(ref_lp, xp=xp), asarray(proxy, xp=xp)
+    gold, hack = asarray(gold, xp=xp), asarray(hack, xp=xp, dtype=xp.float64)
     with np.errstate(under="ignore"):
-        p_ref = np.exp(ref_lp)
+        p_ref = xp.exp(ref_lp)
 
     def stats(p):
-        return (tree.average((p * gold).sum(axis=1)), tree.average((p * proxy).sum(axis=1)),
-                tree.average((p * hack).sum(axis=1)))
+        return (tree.average(xp.sum(p * gold, axis=1)), tree.average(xp.sum(p * proxy, axis=1)),
+                tree.average(xp.sum(p * hack, axis=1)))
 
     g0, x0, _ = stats(p_ref)
     ns = np.unique(np.round(np.logspace(0, np.log10(c.n_max), c.n_points)).astype(int))
@@ -205,13 +230,13 @@ def run(config: Config = Config(), progress: bool = False) -> Result:
     for kind, k, v in progress_bar(jobs, enabled=progress, desc=NAME):
         if kind == "bon":
             with np.errstate(under="ignore"):
-                p = np.exp(best_of_n_logprobs(tree, ref_lp, proxy, int(v)))
+                p = xp.exp(best_of_n_logprobs(tree, ref_lp, proxy, int(v)))
             kl = tree.average(best_of_n_kl(tree, ref_lp, proxy, int(v)))
             bon[k] = np.sqrt(max(kl, 0.0)), *stats(p)
         else:
             log_pi = soft_optimal_policy(tree, ref, proxy, float(v)).log_pi
             with np.errstate(under="ignore"):
-                p = np.exp(leaf_logprobs(tree, log_pi))
+                p = xp.exp(leaf_logprobs(tree, log_pi))
             rl[k + 1] = np.sqrt(max(tree.average(sequence_kl(tree, log_pi, ref)), 0.0)), *stats(p)
     bon[:, 1] -= g0
     bon[:, 2] -= x0

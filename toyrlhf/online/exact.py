@@ -530,7 +530,8 @@ def rebel_exact_step(
     policy when ``0 < eta beta < 2`` (``log P_{t+1} - log P*`` contracts by ``1 - eta beta``) and
     lands on it in one step when ``eta beta = 1``.  ``solve="regression"``: minimise the
     regression loss numerically (L-BFGS from ``theta``, any policy class); for the tabular class
-    the two agree, which is REBEL's reduction of the mirror step to regression.
+    the two agree, which is REBEL's reduction of the mirror step to regression.  Host boundary:
+    ``scipy.optimize`` on NumPy parameters (the online module computes with NumPy).
     """
     _check_problem(problem)
     eta = check_float("eta", eta)
