@@ -114,3 +114,18 @@ def test_summary_and_bad_input():
         best_of_n_logprobs(tree, lq + 1.0, r, 2)
     with pytest.raises(ValueError, match="reward"):
         best_of_n_kl(tree, lq, np.full_like(r, np.nan), 2)
+
+
+@pytest.mark.parametrize("ties", [True, False])
+def test_agrees_with_the_verifiers_implementation(ties):
+    """Two independent implementations (level scan here, order statistics in verifiers) agree."""
+    from toyrlhf.verifiers import best_of_n_log_probs
+
+    tree, ref, r, _ = make(seed=7, ties=ties)
+    ns = [1, 2, 5, 64]
+    other = best_of_n_log_probs(ref, r, ns)
+    for k, n in enumerate(ns):
+        mine = best_of_n_logprobs(tree, ref, r, n)
+        assert np.array_equal(np.isneginf(mine), np.isneginf(other[k]))
+        fin = np.isfinite(mine)
+        np.testing.assert_allclose(mine[fin], other[k][fin], rtol=1e-10, atol=1e-12)
