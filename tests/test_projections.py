@@ -46,7 +46,6 @@ from toyrlhf.rewards import (
     bag_of_tokens,
     feature_family,
     ngram_counts,
-    position_token,
     random_linear_reward,
     random_tabular_reward,
 )
@@ -80,7 +79,8 @@ def test_gibbs_equals_soft_value_iteration_equals_direct_maximisation(eos):
     np.testing.assert_allclose(kl_regularized_objective(tree, sol.log_pi, ref, r, beta), beta * log_Z, rtol=1e-10)
     # direct numerical maximisation of J over tabular logits (finite-difference gradients, no tree code)
     cls = TabularPolicy(tree, ref)
-    negJ = lambda t: -tree.average(kl_regularized_objective(tree, cls.conditionals(t), ref, r, beta))
+    def negJ(t):
+        return -tree.average(kl_regularized_objective(tree, cls.conditionals(t), ref, r, beta))
     res = optimize.minimize(negJ, np.zeros(cls.n_params), method="BFGS", options={"gtol": 1e-9})
     np.testing.assert_allclose(-res.fun, tree.average(beta * log_Z), atol=1e-8)
     np.testing.assert_allclose(np.exp(cls.leaf_logprobs(res.x)), np.exp(gibbs), atol=1e-4)
@@ -187,7 +187,8 @@ def test_separable_data_is_reported_not_silently_returned():
 
 # ============================================================ DPO
 def _dpo_gradient_check(cls, data, ref_lp, beta, theta):
-    f = lambda t: dpo_loss(cls, t, data, ref_lp, beta)[0]
+    def f(t):
+        return dpo_loss(cls, t, data, ref_lp, beta)[0]
     np.testing.assert_allclose(dpo_loss(cls, theta, data, ref_lp, beta)[1], fd_grad(f, theta), rtol=1e-5, atol=1e-8)
 
 
@@ -336,7 +337,8 @@ def test_soft_rl_projection_maximises_j_over_restricted_class():
     beta = 0.5
     cls = LogLinearPolicy(tree, ref, next_token_features(tree))
     fit = soft_rl_projection(cls, ref, r, beta)
-    J = lambda t: tree.average(kl_regularized_objective(tree, cls.conditionals(t), ref, r, beta))
+    def J(t):
+        return tree.average(kl_regularized_objective(tree, cls.conditionals(t), ref, r, beta))
     assert np.max(np.abs(fd_grad(J, fit.params))) < 1e-6  # stationary point of J in the class
     jstar = tree.average(beta * soft_optimal_policy(tree, ref, r, beta).log_Z)
     assert J(fit.params) <= jstar + 1e-12

@@ -87,7 +87,8 @@ def test_sampled_dataset_frequencies_match_population_weights():
     pop = population_preferences(tree, gold, log_pi_pair=ref)
     np.testing.assert_allclose(pop.weight.sum(), 1.0)
     data = sample_preferences(tree, gold, 50_000, rng, log_pi_pair=ref)
-    key = lambda d: {(p, c, r): w for p, c, r, w in zip(d.prompt, d.chosen, d.rejected, d.weight)}
+    def key(d):
+        return {(p, c, r): w for p, c, r, w in zip(d.prompt, d.chosen, d.rejected, d.weight)}
     emp, exact = key(data), key(pop)
     assert set(emp) <= set(exact)
     obs = np.array([emp.get(k, 0.0) * data.n for k in exact])
@@ -102,7 +103,7 @@ def test_population_weights_closed_form():
     pop = population_preferences(tree, gold, leaf_logp_pair=np.log(mu)[None])
     # each unordered pair {i, j} carries mu_i mu_j in total, split by BT between its two orders
     Z = sum(mu[i] * mu[j] for i, j in itertools.combinations(range(3), 2))
-    for p, c, r, w in zip(pop.prompt, pop.chosen, pop.rejected, pop.weight):
+    for _p, c, r, w in zip(pop.prompt, pop.chosen, pop.rejected, pop.weight):
         assert w == pytest.approx(mu[c] * mu[r] * bradley_terry(gold[0, c], gold[0, r]) / Z)
 
 

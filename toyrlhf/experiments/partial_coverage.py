@@ -44,7 +44,7 @@ class Config:
     """Points drawn on the DPO optimal set {pi(xi2) = 0} to check they share the optimal loss."""
 
     @classmethod
-    def quick(cls) -> "Config":
+    def quick(cls) -> Config:
         return cls(steps=150, edge_points=5)
 
 
@@ -153,7 +153,8 @@ def plot_trajectory(result: Result, ax) -> None:
 def plot_simplex(result: Result, ax) -> None:
     """The simplex: DPO's optimal edge {pi(xi2)=0}, RLHF's vertex, and the DPO trajectory."""
     corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
-    to_xy = lambda p: np.asarray(p) @ corners
+    def to_xy(p):
+        return np.asarray(p) @ corners
     ax.plot(*to_xy(np.vstack([np.eye(3), np.eye(3)[:1]])).T, color="0.6", lw=1)
     e = to_xy(result.edge)
     ax.plot(e[:, 0], e[:, 1], color="C3", lw=4, alpha=0.4, label="DPO optimal set (unrestricted)")
