@@ -207,6 +207,31 @@ def test_overoptimisation_gao_fits():
     assert r2 > 1 - 1e-12 and rmse < 1e-12
 
 
+def test_overoptimisation_along_training():
+    """RL along training (natural policy gradient, small KL coefficient): gold peaks then falls, as across b."""
+    r = quick("overoptimisation")
+    c = r.config
+    d, gold, proxy = r.train_d, r.train_gold, r.train_proxy
+    assert np.array_equal(r.train_step, np.arange(c.train_steps + 1))
+    assert d[0] == 0 and gold[0] == 0 and proxy[0] == 0  # step 0 is pi_ref
+    k = int(np.argmax(gold))
+    assert 0 < k < gold.size - 1  # interior peak along training ...
+    assert gold[-1] < 0.9 * gold[k] and gold[k] > 0  # ... then a decline
+    assert proxy[-1] > proxy[k] and d[-1] > d[k]  # while the proxy and the distance keep growing
+    assert r.train_best_d == d[k]
+    # training converges to the soft-optimal policy of (proxy, train_beta): by Pinsker and Jensen,
+    # |E_pi[g] - E_pi*[g]| <= (max g - min g) / 2 * sqrt(2 KL(pi || pi*)), KL averaged over prompts
+    tree = TokenTree(V=c.V, H=c.H, P=c.P)
+    g = oo.gold_reward(tree, c.token_values, c.repeat_penalty)
+    assert r.train_kl_to_optimal >= -1e-12
+    assert abs(gold[-1] - r.train_gold_limit) <= np.ptp(g) / 2 * np.sqrt(2 * max(r.train_kl_to_optimal, 0.0)) + 1e-12
+    if c.train_beta == c.rl_beta_range[1]:  # ... which is the end of the across-b path
+        assert abs(r.train_gold_limit - r.rl_gold[-1]) < 1e-9
+    # Gao et al.'s RL form fitted along training too: it bends down and beats a line (R^2 reported)
+    assert r.train_fit[1] > 0
+    assert np.isfinite(r.train_r2) and r.train_r2 > r.train_r2_linear
+
+
 def test_quick_configs_are_quick():
     """Guard the quick configs' size (the time limit itself is measured, not asserted)."""
     assert gv.Config.quick().n_seeds * len(gv.Config.quick().sizes) <= 10

@@ -48,6 +48,7 @@ MODULES: tuple[str, ...] = (
     "kl_estimators",
     "offline_overoptimisation",
     "offline_online",
+    "online_vs_offline",
 )
 
 

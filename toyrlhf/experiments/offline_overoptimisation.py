@@ -243,7 +243,7 @@ def problem(config: Config):
     return tree, ref, gold, data, rng
 
 
-def _trajectory_curve(kl: np.ndarray, gold: np.ndarray, grid: np.ndarray) -> np.ndarray:
+def trajectory_curve(kl: np.ndarray, gold: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Gold reward as a function of KL along a trajectory, at ``grid`` (within its KL range).
 
     The KL along training need not be monotone; points are taken where it reaches a new running
@@ -268,7 +268,7 @@ def matched_kl_curves(kl: np.ndarray, gold: np.ndarray, n: int) -> tuple[np.ndar
     """
     top = float(np.min(np.max(kl, axis=1)))
     grid = np.linspace(0.0, max(top, 0.0), n)
-    return grid, np.stack([_trajectory_curve(k, g, grid) for k, g in zip(kl, gold)])
+    return grid, np.stack([trajectory_curve(k, g, grid) for k, g in zip(kl, gold)])
 
 
 def run(config: Config = Config(), progress: bool = False) -> Result:
@@ -311,7 +311,7 @@ def run(config: Config = Config(), progress: bool = False) -> Result:
     peak_gold = gold0[np.arange(L), peak_step]
     peak_kl = kl0[np.arange(L), peak_step]
     rise = np.linspace(0.0, float(peak_kl.min()), config.kl_grid_points)
-    rising = np.stack([_trajectory_curve(k, g, rise) for k, g in zip(kl0, gold0)])
+    rising = np.stack([trajectory_curve(k, g, rise) for k, g in zip(kl0, gold0)])
     gain = float(peak_gold.max() - gold_ref)
     rising_gap = float(np.ptp(rising, axis=0).max() / gain) if gain > 0 else float("inf")
     return Result(

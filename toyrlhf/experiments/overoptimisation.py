@@ -24,17 +24,30 @@ Setup, all exact except the finite preference sample:
   of the proxy under ``pi_ref``, ties shared in proportion to ``pi_ref``
   (:mod:`toyrlhf.best_of_n`), for ``n`` from 1 to ``n_max``;
 * RL against the proxy, exactly: the KL-regularised optimum ``pi_ref exp(r_proxy / b) / Z``
-  (:func:`~toyrlhf.projections.soft_optimal_policy`) along a grid of KL coefficients ``b``.
+  (:func:`~toyrlhf.projections.soft_optimal_policy`) along a grid of KL coefficients ``b``;
+* RL against the proxy *along training* (the issue's second path; Gao et al.'s RL curves are
+  measured along PPO training): ``train_steps`` exact natural-policy-gradient steps
+  (:func:`~toyrlhf.online.natural_gradient_step`, tabular policy, step ``train_eta``) on
+  ``E[r_proxy] - train_beta KL`` from ``pi_ref``, run by :func:`~toyrlhf.online.train`, which
+  records the exact ``d``, gold and proxy reward after every step.  Token-level NPG
+  ``pi_{t+1}(a|s) ∝ pi_t(a|s) exp(eta A_t(s, a))`` agrees to first order in ``eta`` with the
+  sequence-level mirror step ``P_{t+1} ∝ P_t exp(eta r)``, whose iterates from ``pi_ref`` are
+  ``pi_ref exp(eta t r) / Z`` while ``eta t train_beta << 1``: training with a small KL
+  coefficient walks (nearly) the same path as shrinking ``b``, at ``1/b ≈ eta t``, and converges
+  to the soft-optimal policy of ``train_beta`` (Cen et al. 2021, arXiv:2007.06558).
 
 Both proxy curves are non-decreasing in ``d`` by theorem (best-of-``n`` is stochastically
 increasing in ``n``; ``d/db E_b[r] = -Var_b[r] / b^2``).  The gold curves are fitted by least
 squares in ``(alpha, beta)`` (both forms are linear in them), over the points with ``d > 0``;
 the result reports the coefficients, ``R^2`` and the RMS residual, and, for contrast, ``R^2`` of
-the one-parameter line ``alpha d`` (no downturn).
+the one-parameter line ``alpha d`` (no downturn).  The along-training gold curve gets the RL form
+``d(alpha - beta log d)`` too (``train_fit``, ``train_r2``, ...).
 
 Backends: ``Config.backend`` picks the array namespace of the tree-sized work (best-of-``n``,
 soft value iteration, leaf probabilities, KLs; :mod:`toyrlhf._backend`); the preference data and
-the proxy's fit stay on the host.  ``Config.gpu()`` is a scaled-up preset for one GPU.
+the proxy's fit stay on the host.  ``Config.gpu()`` is a scaled-up preset for one GPU.  The
+along-training path runs the online optimisers of :mod:`toyrlhf.online`, which are NumPy code,
+on host copies; the GPU preset skips it (``train_steps=0``).
 """
 
 from __future__ import annotations
@@ -45,8 +58,9 @@ import numpy as np
 
 from .._backend import BACKENDS, asarray, backend_namespace
 from ..best_of_n import best_of_n_kl, best_of_n_logprobs
+from ..online import RLProblem, natural_gradient_step, train
 from ..plotting import COLORS, new_figure, style
-from ..policies import leaf_logprobs, random_policy, sequence_kl
+from ..policies import TabularPolicy, leaf_logprobs, random_policy, sequence_kl
 from ..preferences import sample_preferences
 from ..progress import progress_bar
 from ..projections import reward_mle, soft_optimal_policy
@@ -54,7 +68,7 @@ from ..rewards import FAMILY_LEVELS, LinearReward, TabularReward, feature_family
 from ..tree import GiB, TokenTree
 
 __all__ = ["NAME", "TITLE", "Config", "Result", "run", "figure", "gold_reward", "fit_gao",
-           "plot_best_of_n", "plot_rl", "plot_hacking"]
+           "plot_best_of_n", "plot_rl", "plot_hacking", "plot_rl_training"]
 
 NAME = "overoptimisation"
 TITLE = "Over-optimisation: gold reward vs sqrt(KL) peaks then falls for best-of-n and RL on a learned proxy"
@@ -92,6 +106,12 @@ class Config:
     """Array backend of the exact tree computations ('numpy', 'cupy' for a GPU, 'array_api_strict'): best-of-n, soft value iteration, leaf probabilities and KLs; the data and the proxy's fit stay on the host."""
     memory_gib: float = 4.0
     """Memory budget of the tree in GiB (TokenTree.memory_budget): a tree whose estimated working set exceeds it is refused up front."""
+    train_steps: int = 300
+    """Natural-policy-gradient steps of the along-training RL path (0 skips it; it runs on the host, in NumPy)."""
+    train_eta: float = 0.2
+    """Step size eta of the along-training natural policy gradient."""
+    train_beta: float = 0.03
+    """KL coefficient of the along-training RL objective E[r_proxy] - train_beta KL."""
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -100,6 +120,12 @@ class Config:
             raise ValueError(f"proxy_class must be one of {FAMILY_LEVELS}, got {self.proxy_class!r}")
         if self.V > len(self.token_values):
             raise ValueError(f"V={self.V} needs at least V token_values, got {len(self.token_values)}")
+        if isinstance(self.train_steps, bool) or not isinstance(self.train_steps, int) or self.train_steps < 0:
+            raise ValueError(f"train_steps must be an integer >= 0, got {self.train_steps!r}")
+        for name in ("train_eta", "train_beta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite positive number, got {v!r}")
 
     @classmethod
     def quick(cls) -> Config:
@@ -110,10 +136,11 @@ class Config:
         """Scaled up for one GPU (not run in CI): 8-ary trees of depth 8, 16.7M leaves per prompt.
 
         4 prompts (67M leaves, an estimated 8.6 GiB working set against a 64 GiB budget), 8 token
-        values, 20,000 comparisons for the proxy, best-of-n up to 10^6, on CuPy.
+        values, 20,000 comparisons for the proxy, best-of-n up to 10^6, on CuPy.  No
+        along-training path (``train_steps=0``): the online optimisers are NumPy code.
         """
         return cls(V=8, H=8, P=4, token_values=(1.0, 0.8, 0.6, 0.4, 0.2, 0.0, -0.2, -0.4),
-                   n_data=20_000, n_max=1_000_000, n_points=40, backend="cupy", memory_gib=64.0)
+                   n_data=20_000, n_max=1_000_000, n_points=40, backend="cupy", memory_gib=64.0, train_steps=0)
 
 
 @dataclass(frozen=True)
@@ -161,6 +188,28 @@ class Result:
     """E_ref[r*] (the zero of the gold curves)."""
     gold_best_d: np.ndarray
     """(2,) d at the gold peak: best-of-n, RL."""
+    train_step: np.ndarray
+    """(T+1,) steps of the along-training RL path (0 = pi_ref)."""
+    train_d: np.ndarray
+    """(T+1,) sqrt(KL(pi_t || pi_ref)) along training [sqrt(nats)]."""
+    train_gold: np.ndarray
+    """(T+1,) gold reward relative to pi_ref along training."""
+    train_proxy: np.ndarray
+    """(T+1,) proxy reward relative to pi_ref along training."""
+    train_fit: np.ndarray
+    """(2,) (alpha, beta) of gold ~ d (alpha - beta log d) along training (NaN when train_steps = 0)."""
+    train_r2: float
+    """R^2 of the along-training fit (NaN when train_steps = 0)."""
+    train_rmse: float
+    """RMS residual of the along-training fit."""
+    train_r2_linear: float
+    """R^2 of the line alpha d on the along-training points, for contrast."""
+    train_best_d: float
+    """d at the gold peak along training."""
+    train_kl_to_optimal: float
+    """KL(pi_T || pi*) at the last step, pi* the soft-optimal policy of (proxy, train_beta)."""
+    train_gold_limit: float
+    """Gold reward of that pi* relative to pi_ref: where training converges."""
 
 
 def gold_reward(tree: TokenTree, token_values, repeat_penalty: float) -> np.ndarray:
@@ -210,6 +259,7 @@ def run(config: Config = Config(), progress: bool = False) -> Result:
     rc = TabularReward(tree) if c.proxy_class == "tabular" else LinearReward(tree, feature_family(tree, c.proxy_class))
     rfit = reward_mle(data, rc, l2=1.0 / data.n, warn=False)
     proxy = rfit.reward
+    host = (ref, proxy, np.asarray(gold))  # the online optimisers below are NumPy code
     # from here on the tree-sized arrays live on the backend (NumPy arrays stay as they are)
     ref, ref_lp, proxy = tuple(asarray(x, xp=xp) for x in ref), asarray(ref_lp, xp=xp), asarray(proxy, xp=xp)
     gold, hack = asarray(gold, xp=xp), asarray(hack, xp=xp, dtype=xp.float64)
@@ -244,6 +294,7 @@ def run(config: Config = Config(), progress: bool = False) -> Result:
     rl[:, 2] -= x0
     bfit, br2, brmse = fit_gao(bon[:, 0], bon[:, 1], "bon")
     rfit_, rr2, rrmse = fit_gao(rl[:, 0], rl[:, 1], "rl")
+    tr = _train_path(tree, *host, c, progress)
     return Result(
         config=c,
         bon_n=ns,
@@ -256,7 +307,27 @@ def run(config: Config = Config(), progress: bool = False) -> Result:
         proxy_params=rfit.params,
         gold_ref=g0,
         gold_best_d=np.array([bon[np.argmax(bon[:, 1]), 0], rl[np.argmax(rl[:, 1]), 0]]),
+        **tr,
     )
+
+
+def _train_path(tree: TokenTree, ref, proxy, gold, c: Config, progress: bool) -> dict:
+    """RL along training: exact natural-policy-gradient steps on the proxy (host NumPy), and its fit."""
+    problem = RLProblem(tree, ref, proxy, c.train_beta, gold=gold)
+    pc = TabularPolicy(tree, ref)
+    traj = train(natural_gradient_step, pc, pc.init(), problem, c.train_steps, progress=progress,
+                 name=f"{NAME} (training)", eta=c.train_eta)
+    d = np.sqrt(np.maximum(traj.kl, 0.0))
+    gold_t, proxy_t = traj.gold - traj.gold[0], traj.reward - traj.reward[0]
+    limit = problem.evaluate(log_pi=problem.optimal().log_pi).gold - traj.gold[0]
+    if c.train_steps > 0:
+        coef, r2, rmse = fit_gao(d, gold_t, "rl")
+        r2_lin = fit_gao(d, gold_t, "linear")[1]
+    else:
+        coef, r2, rmse, r2_lin = np.full(2, np.nan), np.nan, np.nan, np.nan
+    return dict(train_step=traj.steps, train_d=d, train_gold=gold_t, train_proxy=proxy_t, train_fit=coef,
+                train_r2=r2, train_rmse=rmse, train_r2_linear=r2_lin, train_best_d=float(d[np.argmax(gold_t)]),
+                train_kl_to_optimal=float(traj.kl_to_optimal[-1]), train_gold_limit=float(limit))
 
 
 # ---------------------------------------------------------------------------- plotting
@@ -289,6 +360,21 @@ def plot_rl(result: Result, ax) -> None:
             rf"RL: soft-optimal for the proxy, $b$ = {b[0]:g}..{b[-1]:g}")
 
 
+def plot_rl_training(result: Result, ax) -> None:
+    """RL along training (natural policy gradient, small KL coefficient): gold and proxy against d, with the RL fit."""
+    c = result.config
+    if result.train_step.size < 2:
+        ax.text(0.5, 0.5, "train_steps = 0: no along-training path", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(r"$d = \sqrt{\mathrm{KL}(\pi\,\|\,\pi_{ref})}$ [$\sqrt{\mathrm{nats}}$]")
+        ax.set_ylabel(r"reward relative to $\pi_{ref}$ [reward units]")
+        ax.set_title("RL along training (skipped)")
+        return
+    _curves(ax, result.train_d, result.train_gold, result.train_proxy, result.train_fit, result.train_r2, "rl",
+            rf"RL along training: {c.train_steps} NPG steps, $\eta$={c.train_eta:g}, $b$={c.train_beta:g}")
+    ax.axhline(result.train_gold_limit, color=COLORS[0], ls=":", lw=1.0, label=rf"gold of the optimum at $b$={c.train_beta:g}")
+    ax.legend(fontsize="x-small", loc="upper left")
+
+
 def plot_hacking(result: Result, ax) -> None:
     """Mass on 'hacks' (completions repeating one token) against d: what the proxy cannot see."""
     ax.plot(result.bon_d, result.bon_hack, "o-", ms=3.5, label="best-of-n")
@@ -303,10 +389,11 @@ def plot_hacking(result: Result, ax) -> None:
 
 def figure(result: Result):
     with style():
-        fig, axes = new_figure(1, 3, figsize=(15, 4.6))
+        fig, axes = new_figure(1, 4, figsize=(20, 4.6))
         plot_best_of_n(result, axes[0])
         plot_rl(result, axes[1])
-        plot_hacking(result, axes[2])
+        plot_rl_training(result, axes[2])
+        plot_hacking(result, axes[3])
         fig.suptitle("Reward-model over-optimisation (Gao et al. 2022): the proxy keeps rising, the gold reward "
                      "peaks then falls with $d$")
     return fig
