@@ -22,6 +22,11 @@ of affine minus log-sum-exp terms), so its optimum is unique (checked: the fits 
 ``n_inits`` starting points agree).  The RKL objective is not: by the ``0 <-> 1`` symmetry it
 has (at least) two optima with equal loss, one per mode; the fits from random starting points
 (seeded) each land on one of them, and the result keeps the best.
+
+References: the mode-covering / mode-seeking behaviour of the two projections is classical
+(Bishop 2006, *Pattern Recognition and Machine Learning*, Sec. 10.1.2, Fig. 10.3; Minka 2005,
+"Divergence measures and message passing", MSR-TR-2005-173); for preference fine-tuning see
+Tajwar et al. 2024, arXiv:2404.14367.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""DPO under partial coverage: the slides' counterexample (Swamy, *The Value of RL in Fine-Tuning*, slides 001).
+"""DPO under partial coverage: the slides' counterexample (Swamy, *The Value of RL in Fine-Tuning*, slides 001;
+Swamy et al. 2025, "All Roads Lead to Likelihood", arXiv:2503.01067).
 
 Three completions, ``pi_ref = (0.5, 0.5, 0)``, and data that only ever say ``xi1 > xi2``.
 
@@ -167,7 +168,7 @@ def plot_simplex(result: Result, ax) -> None:
     ax.set_aspect("equal")
     ax.set_axis_off()
     ax.set_title("Probability simplex")
-    ax.legend(fontsize="small", loc="upper left")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def figure(result: Result):
