@@ -336,10 +336,19 @@ def test_process_outcome_experiment_claims():
         assert np.all(arr <= r.oracle[None, :] + 1e-14)
         assert np.all(arr.mean(axis=0)[1:] < r.oracle[1:])
     assert abs(r.majority[0] - p1) < 1e-14
-    # the claim: process > outcome (equal labels) > majority vote, for every n >= 2
-    orm, prm = r.orm_learned.mean(axis=0), r.prm_learned.mean(axis=0)
-    assert np.all(prm[1:] > orm[1:])
-    assert np.all(orm[2:] > r.majority[2:])
+    # the claim, paired over label sets (both verifiers learn from the same labels in each set):
+    # PRM - ORM > 2 SE (a one-sided z-test at about 2.3%) wherever it is claimed.  The effect is
+    # real at small and moderate n (quick config: 9.5, 8.1, 5.3 SE at n = 2, 4, 8) and fades as
+    # both learned verifiers reach pass@n ~ 1 (1.8 SE at n = 32), where nothing is asserted.
+    mean, se = exp.paired_difference(r)
+    d = r.prm_learned - r.orm_learned
+    assert np.allclose(mean, d.mean(axis=0)) and np.allclose(se, d.std(0, ddof=1) / np.sqrt(len(d)))
+    moderate = (r.ns >= 2) & (r.ns <= 8)
+    assert np.all(mean[moderate] > 2 * se[moderate])
+    # ... and the learned ORM beats majority voting (exact) by > 2 SE of its mean for n >= 2
+    orm = r.orm_learned.mean(axis=0)
+    se_orm = r.orm_learned.std(axis=0, ddof=1) / np.sqrt(len(r.orm_learned))
+    assert np.all((orm - r.majority)[1:] > 2 * se_orm[1:])
 
 
 def test_pareto_experiment_claims():

@@ -24,7 +24,7 @@ What this module computes
 * :func:`regularized_nash`: the KL-regularised Nash equilibrium of Munos et al. (2023),
   arXiv:2312.00886, to machine precision (mirror-prox then Newton on the fixed-point equation),
   with the certificate :func:`regularized_exploitability`;
-* :func:`nash_md`: the paper's Nash-MD iteration (Sec. 6, eq. for ``pi_{t+1}``, Theorem 1);
+* :func:`nash_md`: the paper's Nash-MD iteration and its convergence bound (:func:`nash_md_bound`);
 * :func:`self_play`: self-play preference optimisation (SPO, Swamy et al. 2024,
   arXiv:2401.04056): multiplicative weights on the win rate against one's own samples;
 * :func:`bradley_terry_fit` / :func:`rlhf_policy`: what the reward view does with a general
@@ -232,17 +232,25 @@ def mixture_preference(rewards, weights=None) -> np.ndarray:
 
     Parameters
     ----------
-    rewards : (K, N) or (K, P, N)
+    rewards : (K, N) or (K, P, N), finite
+        Annotator ``k``'s reward of each completion (of each prompt).
     weights : (K,), non-negative, summing to 1 (default uniform)
+
+    Returns
+    -------
+    (N, N) or (P, N, N): the annotator axis is averaged out.
     """
     R = np.asarray(rewards, dtype=float)
-    if R.ndim not in (2, 3) or R.shape[0] == 0:
+    if R.ndim not in (2, 3) or R.shape[0] == 0 or R.shape[-1] == 0:
         raise ValueError(f"rewards must have shape (K, N) or (K, P, N), got {R.shape}")
+    if not np.all(np.isfinite(R)):
+        raise ValueError("rewards must be finite")
     K = R.shape[0]
     w = np.full(K, 1.0 / K) if weights is None else np.asarray(weights, dtype=float)
     if w.shape != (K,) or not np.all(np.isfinite(w)) or np.any(w < 0) or abs(w.sum() - 1) > 1e-9:
         raise ValueError(f"weights must be {K} non-negative numbers summing to 1, got {weights!r}")
-    return np.tensordot(w, bt_preference(R), axes=1)
+    # one BT matrix per annotator (and prompt): (K, N, N) or (K, P, N, N), then average over K
+    return np.tensordot(w, expit(R[..., :, None] - R[..., None, :]), axes=1)
 
 
 def linear_preference(reward) -> np.ndarray:
@@ -417,8 +425,9 @@ def regularized_best_response(pref, log_p, log_p_ref, tau: float) -> np.ndarray:
 def regularized_exploitability(pref, log_p, log_p_ref, tau: float) -> np.ndarray:
     """Exact duality gap of the KL-regularised preference game at a symmetric profile.
 
-    With ``f(pi, pi') = P(pi > pi') - tau KL(pi||pi_ref) + tau KL(pi'||pi_ref)`` (Munos et al.
-    2023, arXiv:2312.00886, Sec. 5), the game is symmetric and constant-sum, so the gap is
+    With ``f(pi, pi') = P(pi > pi') - tau KL(pi||pi_ref) + tau KL(pi'||pi_ref)`` (the regularised
+    preference game of Munos et al. 2023, "Nash Learning from Human Feedback", arXiv:2312.00886),
+    the game is symmetric and constant-sum, so the gap is
     ``2 (max_q f(q, pi) - 1/2)`` and
 
     .. math::
@@ -569,8 +578,8 @@ def regularized_nash(
         \\pi^*_\\tau = \\arg\\max_\\pi \\min_{\\pi'}\\ \\mathcal P(\\pi\\succ\\pi')
         - \\tau\\,\\mathrm{KL}(\\pi\\|\\pi_{ref}) + \\tau\\,\\mathrm{KL}(\\pi'\\|\\pi_{ref})
 
-    (Munos et al. 2023, "Nash Learning from Human Feedback", arXiv:2312.00886, Sec. 5; unique
-    by their Proposition 1: the game is strongly concave-convex).  The game is symmetric, so
+    (Munos et al. 2023, "Nash Learning from Human Feedback", arXiv:2312.00886; unique because
+    the regularised game is strongly concave-convex).  The game is symmetric, so
     ``pi*`` is a best response to itself: the first-order (fixed-point) condition
 
     .. math:: \\pi^*_\\tau(\\xi) \\propto \\pi_{ref}(\\xi)\\,\\exp\\big((A\\pi^*_\\tau)(\\xi)/\\tau\\big)
@@ -626,7 +635,7 @@ def regularized_nash(
 
 # ============================================================================ Nash-MD
 def nash_md(pref, log_p_ref, tau: float, eta: float, n_steps: int, log_p_init=None) -> np.ndarray:
-    """Nash Mirror Descent (Munos et al. 2023, arXiv:2312.00886, Sec. 6), exact on the leaves.
+    """Nash Mirror Descent, exact on the leaves (Munos et al. 2023, arXiv:2312.00886).
 
     .. math::
         \\pi_t^\\mu(\\xi) \\propto \\pi_t(\\xi)^{1-\\eta\\tau}\\,\\pi_{ref}(\\xi)^{\\eta\\tau},
@@ -634,9 +643,9 @@ def nash_md(pref, log_p_ref, tau: float, eta: float, n_steps: int, log_p_init=No
         \\pi_{t+1}(\\xi) \\propto \\pi_t^\\mu(\\xi)\\,\\exp\\big(\\eta\\,\\mathcal P(\\xi \\succ \\pi_t^\\mu)\\big),
 
     i.e. ``pi_{t+1} = argmax_pi eta P(pi > pi_t^mu) - KL(pi || pi_t^mu)``: a mirror-descent step
-    from the geometric mixture ``pi_t^mu`` against the mixture itself.  Theorem 1 of the paper
-    (section and theorem numbers as recalled from the arXiv version; the paper text was not
-    available when this was written, and the tests check the bound numerically) states
+    from the geometric mixture ``pi_t^mu`` against the mixture itself.  The paper's convergence
+    theorem (Theorem 1 of the arXiv version as recalled; the paper text was not at hand, so no
+    section is cited, and the tests check the bound numerically) states
     ``KL(pi*_tau, pi_{t+1}) <= (1 - eta tau)^t KL(pi*_tau, pi_0) + 2 eta / tau`` for
     ``eta tau <= 1`` (see :func:`nash_md_bound`).  With constant ``eta`` the iterates converge
     linearly to a biased point, not to ``pi*_tau``: its fixed point satisfies
@@ -688,7 +697,7 @@ def nash_md(pref, log_p_ref, tau: float, eta: float, n_steps: int, log_p_init=No
 
 
 def nash_md_bound(kl0, tau: float, eta: float, n_steps: int) -> np.ndarray:
-    """Theorem 1 of Munos et al. (2023), arXiv:2312.00886, as a curve over ``t = 0..n_steps``.
+    """The Nash-MD bound (Munos et al. 2023, arXiv:2312.00886, Theorem 1) over ``t = 0..n_steps``.
 
     .. math:: \\mathrm{KL}(\\pi^*_\\tau, \\pi_{t}) \\le (1-\\eta\\tau)^{t-1}\\,\\mathrm{KL}(\\pi^*_\\tau, \\pi_0) + 2\\eta/\\tau
         \\quad (t \\ge 1),
@@ -770,20 +779,69 @@ def self_play(pref, n_steps: int, eta: float, log_p_init=None) -> SelfPlay:
     return SelfPlay(it, avg)
 
 
-def hedge_regret_bound(n_actions_or_log_p0, eta: float, T) -> np.ndarray:
+def hedge_regret_bound(eta: float, T, *, n_actions=None, log_p0=None) -> np.ndarray:
     """Hedge's average-regret bound ``max_i log(1/pi_0(i)) / (eta T) + eta / 8`` (rewards in [0, 1]).
 
-    Pass ``N`` for a uniform start (``log N``) or the initial log-probabilities (``+inf`` if
-    ``pi_0`` has zeros: those completions are never played, so no bound holds against them).
-    By the SPO reduction this bounds the exploitability of the average self-play iterate
-    (Cesa-Bianchi & Lugosi 2006, "Prediction, Learning, and Games", Thm 2.2).
+    .. math:: \\frac{\\mathrm{Reg}_T}{T} \\le \\frac{\\max_i \\log(1/\\pi_0(i))}{\\eta T} + \\frac{\\eta}{8}
+
+    (Cesa-Bianchi & Lugosi 2006, "Prediction, Learning, and Games", Thm 2.2, for the uniform
+    start ``log N``; the same proof with prior weights gives ``max_i log(1/pi_0(i))``).  By the
+    SPO reduction this bounds the exploitability of the average self-play iterate.
+
+    Parameters
+    ----------
+    eta : positive finite step size
+    T : positive number(s) of steps (scalar or array; the result broadcasts like ``T``)
+    n_actions : int >= 1, keyword-only
+        Uniform start over ``N = n_actions`` completions: the constant is ``log N``.
+    log_p0 : array of normalised log-probabilities (last axis), keyword-only
+        Any start: the constant is ``max_i -log pi_0(i)`` (``+inf`` if ``pi_0`` has zeros, since
+        completions never played give no bound against them).
+
+    Exactly one of ``n_actions`` and ``log_p0`` must be given.
+
+    Raises
+    ------
+    ValueError
+        if both or neither are given, or any argument is invalid.
+
+    Examples
+    --------
+    >>> bool(hedge_regret_bound(0.5, 100, n_actions=4) == np.log(4) / 50 + 0.5 / 8)
+    True
     """
-    x = n_actions_or_log_p0
-    if np.ndim(x) == 0:
-        c = np.log(float(x))
+    if (n_actions is None) == (log_p0 is None):
+        raise ValueError(
+            "give exactly one of n_actions (uniform start) or log_p0 (initial log-probabilities)"
+        )
+    if n_actions is not None:
+        if (
+            isinstance(n_actions, bool)
+            or not isinstance(n_actions, (int, np.integer))
+            or n_actions < 1
+        ):
+            raise ValueError(f"n_actions must be a positive integer, got {n_actions!r}")
+        c = float(np.log(n_actions))
     else:
-        c = float(np.max(-np.asarray(x, dtype=float)))
+        lp = np.asarray(log_p0, dtype=float)
+        if lp.ndim < 1 or lp.size == 0 or np.isnan(lp).any() or np.any(lp == np.inf):
+            raise ValueError(
+                f"log_p0 must be a non-empty array of log-probabilities (no NaN or +inf), got {log_p0!r}"
+            )
+        with np.errstate(under="ignore"):
+            tot = np.exp(lp).sum(axis=-1)
+        if np.any(np.abs(tot - 1.0) > 1e-8):
+            raise ValueError(f"log_p0 must be normalised (sum of exp = 1), got sums {tot}")
+        c = float(np.max(-lp))
+    if (
+        isinstance(eta, bool)
+        or not isinstance(eta, (int, float, np.integer, np.floating))
+        or not (np.isfinite(eta) and eta > 0)
+    ):
+        raise ValueError(f"eta must be a positive finite number, got {eta!r}")
     T = np.asarray(T, dtype=float)
+    if T.size == 0 or not np.all(np.isfinite(T) & (T > 0)):
+        raise ValueError(f"T must be positive finite step counts, got {T!r}")
     return c / (eta * T) + eta / 8
 
 

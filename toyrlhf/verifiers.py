@@ -606,7 +606,10 @@ def pareto_front(
     upper boundary maximises some ``w . E r`` subject to the budget; by Lagrange duality that
     maximiser is the Gibbs policy with the ``beta`` at which the budget binds, found by Brent's
     method on ``log beta`` (KL decreases in ``beta``), or the greedy ``beta -> 0`` limit when
-    the budget does not bind.
+    the budget does not bind.  Sources: scalarisation of convex multi-objective problems (Boyd &
+    Vandenberghe 2004, "Convex Optimization", Sec. 4.7); the Gibbs form of the KL-regularised
+    optimum (e.g. Rafailov et al. 2023, arXiv:2305.18290); multi-reward RLHF fronts (Ramé et al.
+    2023, "Rewarded soups", arXiv:2306.04488).
 
     Parameters
     ----------

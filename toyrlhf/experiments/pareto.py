@@ -1,13 +1,18 @@
 r"""Several rewards: the exact Pareto front of soft-optimal policies under a KL budget.
 
 Claim (slides 002, "More advanced reward models: multiple reward — factuality? relevance?
-completeness?"): with two rewards ``r_1, r_2`` (e.g. helpfulness and harmlessness) there is no
-single optimum but a front of trade-offs.  Under a KL budget ``KL(P_pi || P_ref) <= eps`` the
-set of achievable ``(E r_1, E r_2)`` is convex (KL is convex, expectations are linear), so its
-whole upper-right boundary is traced by the soft-optimal policies of the scalarised rewards
-``w r_1 + (1 - w) r_2``, ``w in [0, 1]`` (Lagrange duality; each at the ``beta`` where the budget
-binds).  No policy within the budget lies beyond the front, and a larger budget moves the whole
-front outwards.  Computed exactly on the leaves with :func:`toyrlhf.verifiers.pareto_front`
+completeness?"; multi-reward RLHF as in Ramé et al. 2023, "Rewarded soups", arXiv:2306.04488):
+with two rewards ``r_1, r_2`` (e.g. helpfulness and harmlessness) there is no single optimum but
+a front of trade-offs.  Under a KL budget ``KL(P_pi || P_ref) <= eps`` the set of achievable
+``(E r_1, E r_2)`` is convex (KL is convex, expectations are linear), so its whole upper-right
+boundary is traced by maximisers of the scalarised rewards ``w r_1 + (1 - w) r_2``,
+``w in [0, 1]`` (the standard scalarisation result for convex multi-objective problems, e.g.
+Boyd & Vandenberghe 2004, "Convex Optimization", Sec. 4.7), and by Lagrange duality each
+maximiser is the soft-optimal policy ``pi_ref exp(r_w / beta) / Z`` (the KL-regularised optimum
+used throughout RLHF, e.g. Rafailov et al. 2023, arXiv:2305.18290) at the ``beta`` where the
+budget binds.  No policy within the budget lies beyond the front, and a larger budget moves the
+whole front outwards.  Rewards are standard Gaussian per completion, so ``E[r]`` is in units of
+the rewards' standard deviation across completions ("reward units"); KL is in nats.  Computed exactly on the leaves with :func:`toyrlhf.verifiers.pareto_front`
 (Gibbs policies via :func:`toyrlhf.projections.gibbs_policy`).
 """
 
@@ -157,12 +162,14 @@ def plot_front(result: Result, ax) -> None:
         vmin=0,
         vmax=hi,
         alpha=0.6,
-        label=f"random policies, KL $\\leq$ {hi:g}",
+        label=f"random policies, KL $\\leq$ {hi:g} nats",
     )
-    ax.figure.colorbar(sc, ax=ax, label="KL$(P_\\pi \\| P_{ref})$")
+    ax.figure.colorbar(sc, ax=ax, label="KL$(P_\\pi \\| P_{ref})$ [nats]")
     for i, eps in enumerate(budgets):
         v = result.front_values[i]
-        ax.plot(v[:, 0], v[:, 1], color=f"C{i + 1}", marker=".", label=f"front, KL $\\leq$ {eps:g}")
+        ax.plot(
+            v[:, 0], v[:, 1], color=f"C{i + 1}", marker=".", label=f"front, KL $\\leq$ {eps:g} nats"
+        )
     ax.plot(
         result.beta_values[:, 0],
         result.beta_values[:, 1],
@@ -171,10 +178,14 @@ def plot_front(result: Result, ax) -> None:
         label=f"fixed $\\beta$ = {result.config.beta:g}",
     )
     ax.plot(*result.ref_values, marker="*", ms=12, color="k", ls="none", label="$\\pi_{ref}$")
-    ax.set_xlabel("$E[r_1]$")
-    ax.set_ylabel("$E[r_2]$")
-    ax.set_title(f"Pareto fronts (reward correlation {result.config.correlation:g})")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_xlabel("$E[r_1]$ [reward units]")
+    ax.set_ylabel("$E[r_2]$ [reward units]")
+    ax.set_title(
+        "No policy within a KL budget lies beyond its front\n"
+        f"(reward correlation {result.config.correlation:g})",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
 
 
 def plot_weights(result: Result, ax) -> None:
@@ -184,19 +195,19 @@ def plot_weights(result: Result, ax) -> None:
             result.weights,
             result.front_values[i, :, 0],
             color=f"C{i + 1}",
-            label=f"$E r_1$, KL $\\leq$ {eps:g}",
+            label=f"$E r_1$, KL $\\leq$ {eps:g} nats",
         )
         ax.plot(
             result.weights,
             result.front_values[i, :, 1],
             color=f"C{i + 1}",
             ls="--",
-            label=f"$E r_2$, KL $\\leq$ {eps:g}",
+            label=f"$E r_2$, KL $\\leq$ {eps:g} nats",
         )
     ax.set_xlabel("weight $w$ of $r_1$ in $w r_1 + (1-w) r_2$")
-    ax.set_ylabel("expected reward")
-    ax.set_title("Trading one reward for the other")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylabel("expected reward [reward units]")
+    ax.set_title("Along a front, raising $E[r_1]$ lowers $E[r_2]$", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
 
 
 def figure(result: Result):
@@ -204,7 +215,7 @@ def figure(result: Result):
     from ..plotting import new_figure, style
 
     with style():
-        fig, axes = new_figure(1, 2, figsize=(13.0, 5.0))
+        fig, axes = new_figure(1, 2, figsize=(13.0, 6.0))
         plot_front(result, axes[0])
         plot_weights(result, axes[1])
         fig.suptitle(

@@ -14,7 +14,10 @@ policy:
 * verifiers learned from the same ``m`` noisy-labelled samples fall below it, the process one
   less so: each step label is shared by every completion through that step, so shallow steps
   are estimated from many labels, while the outcome model sees each completion only when it is
-  sampled (averaged over ``n_label_draws`` label sets, each success computed exactly);
+  sampled.  Both are trained on the same labelled samples in each of ``n_label_draws`` label
+  sets (each success computed exactly), so the comparison is paired: :func:`paired_difference`
+  gives the mean PRM - ORM difference over label sets and its standard error, and the claim is
+  made only at the ``n`` where the mean exceeds 2 standard errors;
 * majority vote converges to 1 or 0 depending on whether the correct answer is the plurality
   of ``pi_ref``'s final answers; with common mistakes sharing a wrong answer it goes to 0.
 
@@ -44,10 +47,24 @@ from ..verifiers import (
     random_mistake_task,
 )
 
-__all__ = ["NAME", "TITLE", "Config", "Result", "run", "figure", "plot_success", "plot_answers"]
+__all__ = [
+    "NAME",
+    "TITLE",
+    "Config",
+    "Result",
+    "run",
+    "paired_difference",
+    "figure",
+    "plot_success",
+    "plot_difference",
+    "plot_answers",
+]
 
 NAME = "process_outcome"
-TITLE = "Best-of-n: learned PRM beats learned ORM beats majority vote; exact verifiers reach pass@n"
+TITLE = (
+    "Best-of-n: learned PRM beats learned ORM (paired, > 2 SE) beats majority vote; "
+    "exact verifiers reach pass@n"
+)
 
 
 @dataclass(frozen=True)
@@ -70,8 +87,8 @@ class Config:
     """Number of labelled completions (sampled from pi_ref) behind each learned verifier."""
     label_noise: float = 0.1
     """Probability that a label (outcome or step) is flipped."""
-    n_label_draws: int = 10
-    """Independent label sets averaged over (each verifier's success is exact)."""
+    n_label_draws: int = 64
+    """Independent label sets (>= 2), each shared by both learned verifiers (paired comparison)."""
     n_max_log2: int = 8
     """Largest n is 2**n_max_log2."""
     seed: int = 0
@@ -80,12 +97,9 @@ class Config:
     def __post_init__(self) -> None:
         for name in ("V", "H", "P", "m_labels", "n_label_draws", "n_max_log2"):
             v = getattr(self, name)
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, int)
-                or v < (0 if name == "n_max_log2" else 1)
-            ):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            low = {"n_max_log2": 0, "n_label_draws": 2}.get(name, 1)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if len(self.wrong_answer) != self.V:
             raise ValueError(
                 f"wrong_answer must have V={self.V} entries, got {self.wrong_answer!r}"
@@ -98,7 +112,7 @@ class Config:
     @classmethod
     def quick(cls) -> Config:
         """A tiny configuration for tests."""
-        return cls(H=4, P=2, n_label_draws=4, n_max_log2=5)
+        return cls(H=4, P=2, n_label_draws=32, n_max_log2=5)
 
 
 @dataclass(frozen=True)
@@ -173,9 +187,42 @@ def run(config: Config, progress: bool = False) -> Result:
     )
 
 
+def paired_difference(result: Result) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error of the paired difference learned PRM - learned ORM over label sets.
+
+    .. math:: \\bar d(n) = \\frac1D\\sum_{d=1}^D \\big(s^{PRM}_d(n) - s^{ORM}_d(n)\\big), \\qquad
+        \\mathrm{SE}(n) = \\frac{\\mathrm{sd}_d\\big(s^{PRM}_d(n) - s^{ORM}_d(n)\\big)}{\\sqrt D}
+
+    (sample standard deviation, ``ddof = 1``).  Label set ``d`` trains both verifiers on the
+    same labelled completions, so the difference removes the label-set-to-label-set variation
+    that both share.  Each ``s_d(n)`` is an exact success probability; the only randomness is
+    the labels.  Returns two arrays of shape ``(len(ns),)``.
+    """
+    d = result.prm_learned - result.orm_learned
+    return d.mean(axis=0), d.std(axis=0, ddof=1) / np.sqrt(d.shape[0])
+
+
+def _significant(result: Result) -> np.ndarray:
+    """``n >= 2`` where the mean PRM - ORM difference exceeds 2 standard errors."""
+    mean, se = paired_difference(result)
+    return (result.ns >= 2) & (mean > 2 * se)
+
+
+def _ns_text(ns: np.ndarray, mask: np.ndarray) -> str:
+    """``"n = 2-256"`` for a contiguous run, else the list of n."""
+    sel = ns[mask]
+    if sel.size == 0:
+        return "no n"
+    idx = np.flatnonzero(mask)
+    if np.all(np.diff(idx) == 1) and sel.size > 2:
+        return f"n = {sel[0]}-{sel[-1]}"
+    return "n = " + ", ".join(str(v) for v in sel)
+
+
 def plot_success(result: Result, ax) -> None:
-    """Success probability against n (log x) for every selection rule."""
+    """Success probability against n (log x) for every selection rule (learned: mean over label sets)."""
     ns = result.ns
+    D = result.orm_learned.shape[0]
     ax.plot(ns, result.oracle, color="k", lw=2.5, label="oracle pass@n = exact ORM = exact PRM")
     ax.plot(ns, result.orm_exact, ls="none", marker="o", mfc="none", color="C0", label="exact ORM")
     ax.plot(
@@ -185,19 +232,44 @@ def plot_success(result: Result, ax) -> None:
         (result.prm_learned, "C1", "learned PRM"),
         (result.orm_learned, "C0", "learned ORM"),
     ):
-        mean = arr.mean(axis=0)
-        ax.plot(
-            ns, mean, color=col, label=f"{name} (mean; band: range over {arr.shape[0]} label sets)"
-        )
-        ax.fill_between(ns, arr.min(axis=0), arr.max(axis=0), color=col, alpha=0.15, lw=0)
+        ax.plot(ns, arr.mean(axis=0), color=col, label=f"{name} (mean over {D} label sets)")
     ax.plot(ns, result.majority, color="C2", marker=".", label="majority vote")
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("n (samples from $\\pi_{ref}$)")
-    ax.set_ylabel("P(selected answer is correct)")
+    ax.set_ylabel("P(selected answer is correct) [probability]")
     c = result.config
     ax.set_title(f"Best-of-n, m={c.m_labels} labels, noise={c.label_noise}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8)
+
+
+def plot_difference(result: Result, ax) -> None:
+    """Paired difference learned PRM - learned ORM with ``± 2 SE`` error bars; filled markers
+    where the mean exceeds 2 SE."""
+    ns = result.ns
+    mean, se = paired_difference(result)
+    sig = _significant(result)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.errorbar(ns, mean, yerr=2 * se, color="C1", lw=1.2, capsize=3, label="mean $\\pm$ 2 SE")
+    ax.plot(ns[sig], mean[sig], ls="none", marker="o", color="C1", label="mean > 2 SE")
+    ax.plot(
+        ns[~sig],
+        mean[~sig],
+        ls="none",
+        marker="o",
+        mfc="white",
+        color="C1",
+        label="not significant",
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("n (samples from $\\pi_{ref}$)")
+    ax.set_ylabel("success(PRM) - success(ORM) [probability]")
+    D = result.prm_learned.shape[0]
+    ax.set_title(
+        f"Learned PRM - ORM, paired over {D} label sets:\n> 2 SE at {_ns_text(ns, sig)}",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8, loc="upper right")
 
 
 def plot_answers(result: Result, ax) -> None:
@@ -230,15 +302,17 @@ def plot_answers(result: Result, ax) -> None:
 
 
 def figure(result: Result):
-    """Two panels: success against n, and pi_ref's final-answer distribution per prompt."""
+    """Three panels: success against n, the paired PRM - ORM difference, and pi_ref's answers."""
     from ..plotting import new_figure, style
 
+    sig = _ns_text(result.ns, _significant(result))
     with style():
-        fig, axes = new_figure(1, 2, figsize=(12.0, 5.4))
+        fig, axes = new_figure(1, 3, figsize=(17.0, 5.6))
         plot_success(result, axes[0])
-        plot_answers(result, axes[1])
+        plot_difference(result, axes[1])
+        plot_answers(result, axes[2])
         fig.suptitle(
-            "Process supervision beats outcome supervision at equal labels; "
-            "both beat majority voting"
+            f"At equal labels a learned process verifier beats a learned outcome verifier "
+            f"(by > 2 SE at {sig}); both beat majority voting"
         )
     return fig
