@@ -120,14 +120,94 @@ def test_sequence_moments_match_a_leaf_by_leaf_reference(per):
     assert np.all(np.abs(m.bias[1]) > 1e-4)  # k2 is not
 
 
+def leaf_values(tree, pi, ref, estimator, per):
+    """(P, N) estimator values of every completion, by walking each path (slow, obvious)."""
+    lp, lq = leaf_logprobs(tree, pi), leaf_logprobs(tree, ref)
+    tok = tree.tokens()
+    out = np.zeros((tree.P, tree.n_leaves))
+    for s in range(tree.P):
+        for x in range(tree.n_leaves):
+            if not np.isfinite(lp[s, x]):
+                continue  # cannot be sampled; weight 0
+            if per == "sequence":
+                out[s, x] = kl_estimate(lp[s, x], lq[s, x], estimator)
+            else:
+                node = 0
+                for h in range(tree.H):
+                    a = tok[x, h]
+                    out[s, x] += kl_estimate(pi[h][s, node, a], ref[h][s, node, a], estimator)
+                    node = node * tree.V + a
+    return out, np.exp(lp)
+
+
 def test_sampled_estimators_agree_with_exact_moments():
+    """Sample mean within 4 SE of the exact mean; sample variance within 4 exact standard errors
+    of the sample variance, ``Var(s^2) = mu4/n - sigma^4 (n-3)/(n(n-1))`` with the central moments
+    ``mu4``, ``sigma^2`` enumerated over the leaves."""
     tree, pi, ref, rng = make(V=3, H=2, P=1, seed=2)
-    b = sample_rollouts(tree, pi, ref, 20000, 1, rng)
+    n = 20000
+    b = sample_rollouts(tree, pi, ref, n, 1, rng)
     m = sequence_kl_moments(tree, pi, ref, per="token_sum")
     for j, e in enumerate(ESTIMATORS):
+        vals, p = leaf_values(tree, pi, ref, e, "token_sum")
+        mean = p[0] @ vals[0]
+        var = p[0] @ (vals[0] - mean) ** 2
+        mu4 = p[0] @ (vals[0] - mean) ** 4
+        assert m.var[j, 0] == pytest.approx(var, rel=1e-12)
         k = kl_estimate(b.logp, b.logp_ref, e).sum(axis=1)
-        assert abs(k.mean() - m.mean[j, 0]) <= 4 * k.std(ddof=1) / np.sqrt(k.size)
-        assert k.var(ddof=1) == pytest.approx(m.var[j, 0], rel=0.1)
+        assert abs(k.mean() - m.mean[j, 0]) <= 4 * np.sqrt(var / n)
+        se_var = np.sqrt(mu4 / n - var**2 * (n - 3) / (n * (n - 1)))
+        assert abs(k.var(ddof=1) - m.var[j, 0]) <= 4 * se_var, (e, (k.var(ddof=1) - m.var[j, 0]) / se_var)
+
+
+def test_marginal_moments_over_prompts_match_a_joint_enumeration():
+    """``KLMoments.marginal``: mean and variance over the joint draw (s0 ~ rho0, xi ~ P(.|s0)),
+    enumerated pair by pair (the law of total variance includes the variance of the means)."""
+    rng = np.random.default_rng(7)
+    tree = TokenTree(V=2, H=3, rho0=[0.25, 0.75])
+    ref = random_policy(tree, rng)
+    pi = random_policy(tree, rng, temperature=1.5, zero_fraction=0.3)
+    for per in ("sequence", "token_sum"):
+        m = sequence_kl_moments(tree, pi, ref, per=per)
+        true, mean, var = m.marginal(tree.rho0)
+        assert true == pytest.approx(float(tree.rho0 @ sequence_kl(tree, pi, ref)), rel=1e-13)
+        for j, e in enumerate(ESTIMATORS):
+            vals, p = leaf_values(tree, pi, ref, e, per)
+            w = (tree.rho0[:, None] * p).ravel()  # joint weights of (s0, xi)
+            v = vals.ravel()
+            mu = w @ v
+            assert mean[j] == pytest.approx(mu, rel=1e-12, abs=1e-15)
+            assert var[j] == pytest.approx(w @ (v - mu) ** 2, rel=1e-12)
+        # the prompts' means differ, so the between-prompt term is not negligible here
+        assert np.all(np.abs(m.mean[:, 0] - m.mean[:, 1]) > 1e-2)
+
+
+def test_by_depth_bias_and_std_match_a_node_by_node_enumeration():
+    rng = np.random.default_rng(8)
+    tree = TokenTree(V=3, H=3, rho0=[0.4, 0.6])
+    ref = random_policy(tree, rng)
+    pi = random_policy(tree, rng, temperature=1.5, zero_fraction=0.3)
+    bias, std = token_kl_moments(tree, pi, ref).by_depth(tree.rho0)
+    want_b = np.zeros((3, tree.H))
+    want_v = np.zeros((3, tree.H))
+    for s in range(tree.P):  # walk every node with its reach probability
+        frontier = [(0, tree.rho0[s])]
+        for h in range(tree.H):
+            nxt = []
+            for node, d in frontier:
+                lp, lq = pi[h][s, node], ref[h][s, node]
+                p = np.exp(lp)
+                kl_true = sum(p[a] * (lp[a] - lq[a]) for a in range(tree.V) if p[a] > 0)
+                for j, e in enumerate(ESTIMATORS):
+                    k = kl_estimate(lp, lq, e)
+                    mean = p @ k
+                    want_b[j, h] += d * (mean - kl_true)
+                    want_v[j, h] += d * (p @ (k - mean) ** 2)
+                nxt += [(node * tree.V + a, d * p[a]) for a in range(tree.V) if p[a] > 0]
+            frontier = nxt
+    np.testing.assert_allclose(bias, want_b, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(std, np.sqrt(want_v), rtol=1e-12)
+    assert np.all(want_v > 1e-3) and np.all(np.abs(want_v - 1.0) > 1e-2)  # sqrt is not the identity here
 
 
 def test_k3_has_lower_variance_than_k1_near_pi_ref():

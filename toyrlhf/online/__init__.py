@@ -47,6 +47,7 @@ from ._paths import (
 from .exact import (
     PGVariance,
     SoftValues,
+    clipped_surrogate,
     exact_objective,
     exact_pg_step,
     exact_policy_gradient,
@@ -107,6 +108,7 @@ __all__ = [
     "natural_gradient_step",
     "leaf_scores",
     "leaf_score_sqnorms",
+    "clipped_surrogate",
     "ppo_exact_objective",
     "ppo_exact_step",
     "rebel_exact_loss",

@@ -47,6 +47,7 @@ __all__ = [
     "natural_gradient_step",
     "leaf_scores",
     "leaf_score_sqnorms",
+    "clipped_surrogate",
     "ppo_exact_objective",
     "ppo_exact_step",
     "rebel_exact_loss",
@@ -368,14 +369,49 @@ def natural_gradient_step(policy_class, theta, problem: RLProblem, rng=None, *, 
 
 
 # =========================================================================== PPO in expectation
-def _ratio_terms(ln, lo, A, clip_eps):
-    """Clipped-surrogate value, ratio and the mask of entries where the unclipped term is active."""
-    lr = np.minimum(ln - lo, 700.0)
-    ratio = np.exp(lr)
-    unclipped = ratio * A
-    clipped = np.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * A
-    active = unclipped <= clipped
-    return np.minimum(unclipped, clipped), ratio, active
+def clipped_surrogate(log_ratio, A, clip_eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PPO's clipped surrogate per entry, its derivative in ``log rho``, and the active mask.
+
+    .. math:: \\ell = \\min(\\rho A,\\ \\mathrm{clip}(\\rho, 1-\\epsilon, 1+\\epsilon) A)
+              = \\begin{cases} A \\min(\\rho, 1+\\epsilon) & A > 0 \\\\
+                                 A \\max(\\rho, 1-\\epsilon) & A < 0 \\\\ 0 & A = 0 \\end{cases},
+              \\qquad \\rho = e^{\\log\\rho}
+
+    (Schulman et al. 2017, arXiv:1707.06347, eq. 7).  ``d ell / d log rho = rho A`` where the
+    unclipped term is the minimum (``active``: ``rho <= 1+eps`` for ``A > 0``, ``rho >= 1-eps`` for
+    ``A < 0``) and 0 elsewhere; entries with ``A = 0`` are 0 and inactive.  The ratio is never
+    exponentiated beyond where it matters: for ``A > 0`` only ``min(log rho, log(1+eps))`` is,
+    so any ``log rho`` (``+inf`` included) gives the exact, bounded value and a zero gradient;
+    ``log rho = -inf`` (the new policy drops the token) gives ``rho = 0``.  Only ``A < 0`` with
+    ``rho |A|`` beyond the float range has no float answer (the surrogate is ``-inf`` to floating
+    point and its gradient is not representable): that raises :class:`FloatingPointError`, which
+    :func:`~toyrlhf.online.train` reports as :class:`~toyrlhf.online.TrainingDiverged` naming the step.
+    Nothing is clipped silently.
+    """
+    lr = np.asarray(log_ratio, dtype=float)
+    A = np.asarray(A, dtype=float)
+    lr, A = np.broadcast_arrays(lr, A)
+    if np.isnan(lr).any():
+        raise ValueError("log_ratio contains NaN")
+    if not np.all(np.isfinite(A)):
+        raise ValueError("advantages must be finite")
+    up, down = np.log1p(clip_eps), np.log1p(-clip_eps) if clip_eps < 1 else -np.inf
+    pos, neg = A > 0, A < 0
+    active = (pos & (lr <= up)) | (neg & (lr >= down))
+    # the exponent is capped only where the cap is the clip itself (the value is exact)
+    expo = np.where(pos, np.minimum(lr, up), np.where(neg, np.maximum(lr, down), 0.0))
+    with np.errstate(over="ignore", under="ignore"):
+        val = np.where(pos | neg, A * np.exp(expo), 0.0)
+        grad = np.where(active, A * np.exp(np.where(active, lr, 0.0)), 0.0)
+    bad = np.isinf(val) | np.isinf(grad)
+    if bad.any():
+        worst = float(np.max(np.where(bad, lr, -np.inf)))
+        raise FloatingPointError(
+            f"PPO ratio pi_theta/pi_old = exp({worst:.1f}) on a token with negative advantage: the clipped "
+            "surrogate rho*A and its gradient exceed the float range (the policy moved too far from pi_old; "
+            "use a smaller step size)"
+        )
+    return val, grad, active
 
 
 def ppo_exact_objective(
@@ -422,9 +458,11 @@ def ppo_exact_objective(
         ln = np.where(pos, log_pi[h], 0.0)
         lo0 = np.where(pos, lo, 0.0)
         A = np.where(pos, advantages[h], 0.0)
-        surr, ratio, active = _ratio_terms(ln, lo0, A, clip_eps)
+        with np.errstate(invalid="ignore"):
+            log_ratio = np.where(pos, ln - lo0, 0.0)  # -inf where pi_theta drops a token pi_old plays
+        surr, dsurr, _ = clipped_surrogate(log_ratio, A, clip_eps)
         total += float(np.sum(w * surr))
-        Gh = w * ratio * A * active
+        Gh = w * dsurr
         if kl_mode == "loss":
             lref = np.where(pos, problem.log_pi_ref[h], 0.0)
             k = kl_estimate(ln, lref, kl_estimator)
@@ -655,8 +693,12 @@ def pg_estimator_variance(policy_class, theta, problem: RLProblem, *, baseline: 
         E\\|g\\|^2_{loo} = \\tfrac1k\\Big[A - 2m_1B + C\\,\\tfrac{m_2 + (k-2)m_1^2}{k-1}
             - \\|\\mu\\|^2\\tfrac{k-2}{k-1}\\Big] + \\|\\mu\\|^2
 
-    (expanding the U-statistic; independent samples have ``E[s] = 0``), and the variance is
-    ``E_{s0} E||g||^2 - ||grad J||^2``.  Average ``m`` independent groups to divide it by ``m``.
+    (expanding the U-statistic; independent samples have ``E[s] = 0``).  The variance is assembled
+    from non-negative pieces (law of total variance): ``E_{s0}[Var(g|s0)] + Var_{s0}(mu(s0))``
+    with ``k Var(g|s0) = D`` (fixed ``b``) or ``D + (C Var(R) + ||mu||^2)/(k-1)`` (``"loo"``,
+    ``b = m_1`` in ``D``), ``D = E[(R-b)^2||s||^2] - ||mu||^2 >= 0``.  ``D`` is the one difference
+    of two computed terms: a negative value within its rounding bound is reported as 0, one beyond
+    it raises RuntimeError.  Average ``m`` independent groups to divide it by ``m``.
     Needs ``gamma = 0`` (the REINFORCE part only).
     """
     _check_problem(problem)
@@ -671,24 +713,37 @@ def pg_estimator_variance(policy_class, theta, problem: RLProblem, *, baseline: 
     sq = leaf_score_sqnorms(policy_class, theta)
     sq = np.where(p > 0, sq, 0.0)
     m1 = (p * R).sum(axis=1)
-    m2 = (p * R * R).sum(axis=1)
-    A = (p * R * R * sq).sum(axis=1)
-    B = (p * R * sq).sum(axis=1)
+    dR = np.where(p > 0, R - m1[:, None], 0.0)
     C = (p * sq).sum(axis=1)
     mus = []
     for s in range(tree.P):  # one VJP per prompt (loop over prompts, not leaves)
         g = np.zeros_like(p)
-        g[s] = p[s] * (R[s] - m1[s])
+        g[s] = p[s] * dR[s]
         mus.append(policy_class.leaf_logprobs_vjp(theta, g, log_pi=log_pi))
     mus = np.array(mus)
     mu2 = np.einsum("pd,pd->p", mus, mus)
     if baseline == "none":
-        e2 = A / k + (1 - 1 / k) * mu2
-    elif baseline in ("value", "optimal"):
-        b = m1 if baseline == "value" else np.divide(B, C, out=np.zeros_like(B), where=C > 0)
-        e2 = (A - 2 * b * B + b * b * C) / k + (1 - 1 / k) * mu2
+        b = np.zeros_like(m1)
+    elif baseline == "optimal":  # E[R|s|^2] / E|s|^2, centred at m1 for accuracy
+        b = m1 + np.divide((p * dR * sq).sum(axis=1), C, out=np.zeros_like(C), where=C > 0)
+    else:  # "value" and the centre of "loo"
+        b = m1
+    dev = np.where(p > 0, R - b[:, None], 0.0)
+    E2 = (p * dev * dev * sq).sum(axis=1)  # E[(R - b)^2 |s|^2], a sum of non-negative terms
+    # D = E|(R - b) s|^2 - |E[(R - b) s]|^2 >= 0 (Jensen); its two terms cancel, so it may come out
+    # below 0 by rounding: bounded by ~ (leaves * H + d) eps (E2 + mu2) (sums of that many terms)
+    D = E2 - mu2
+    tol = 4.0 * (tree.n_leaves * tree.H + policy_class.n_params) * np.finfo(float).eps * (E2 + mu2)
+    if np.any(D < -tol):
+        raise RuntimeError(f"pg_estimator_variance: E|x|^2 - |E x|^2 = {D.min():.3e} < 0 beyond rounding "
+                           f"({tol[np.argmin(D)]:.1e}): an internal inconsistency")
+    D = np.maximum(D, 0.0)  # only rounding-level negatives (checked above) are set to their true bound 0
+    if baseline == "loo":
+        var_R = (p * dR * dR).sum(axis=1)  # two-pass, non-negative
+        within = (D + (C * var_R + mu2) / (k - 1)) / k
     else:
-        e2 = (A - 2 * m1 * B + C * (m2 + (k - 2) * m1 * m1) / (k - 1) - mu2 * (k - 2) / (k - 1)) / k + mu2
+        within = D / k
     mean = tree.rho0 @ mus
-    var = float(np.dot(tree.rho0, e2) - mean @ mean)
-    return PGVariance(mean, max(var, 0.0), baseline, k)
+    between = tree.rho0 @ np.sum((mus - mean) ** 2, axis=1)  # law of total variance, two-pass
+    var = float(np.dot(tree.rho0, within) + between)
+    return PGVariance(mean, var, baseline, k)

@@ -32,7 +32,7 @@ from scipy.special import expit, log_expit
 from ..kl_estimators import check_estimator, kl_estimate, kl_estimate_grad
 from ..policies import sample_leaves
 from ._paths import Rollouts, path_policy, sample_rollouts
-from .exact import _check_problem, ascend, soft_values, token_kl_costs
+from .exact import _check_problem, ascend, clipped_surrogate, soft_values, token_kl_costs
 from .problem import RLProblem, check_choice, check_float, check_int, check_rng
 
 __all__ = [
@@ -368,7 +368,8 @@ def ppo_surrogate(
 
     (Schulman et al. 2017, arXiv:1707.06347, eq. 7; the bracket with ``kl_mode="loss"``).  The
     gradient flows through ``rho A`` where the unclipped term is the minimum (``d/d log pi``
-    ``= rho A``) and is zero where the clipped one is.  ``pretrain_paths`` is
+    ``= rho A``) and is zero where the clipped one is (:func:`~toyrlhf.online.clipped_surrogate`: exact at
+    any ratio; raises FloatingPointError only where ``rho A`` itself leaves the float range).  ``pretrain_paths`` is
     ``(prompts, nodes, tokens)`` of pretraining completions (PPO-ptx).  Returns
     ``(value, grad, stats)`` with ``stats = {"surrogate", "clip_frac"}``.
     """
@@ -386,13 +387,11 @@ def ppo_surrogate(
     ev = path_policy(policy_class, theta, prompts, nodes, tokens, mode=mode, log_pi=log_pi)
     lp_all = ev.logprobs()
     lp = lp_all[:n]
-    ratio = np.exp(np.minimum(lp - batch.logp, 700.0))
-    unclipped = ratio * advantages
-    clipped = np.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    active = unclipped <= clipped
-    value = float(np.minimum(unclipped, clipped).sum() / n)
-    clip_frac = float(np.mean(~active[batch.mask])) if batch.mask.any() else 0.0
-    W = ratio * advantages * active / n
+    surr, dsurr, active = clipped_surrogate(lp - batch.logp, advantages, clip_eps)  # sampled: logp finite
+    value = float(surr.sum() / n)
+    clipped_out = ~active & (np.asarray(advantages) != 0)
+    clip_frac = float(np.mean(clipped_out[batch.mask])) if batch.mask.any() else 0.0
+    W = dsurr / n
     if kl_mode == "loss":
         value -= problem.beta * float(kl_estimate(lp, batch.logp_ref, kl_estimator).sum() / n)
         W = W - problem.beta / n * kl_estimate_grad(lp, batch.logp_ref, kl_estimator)

@@ -169,7 +169,8 @@ def train(
     Raises
     ------
     TrainingDiverged
-        When a step yields non-finite parameters or NaN statistics; names the step.
+        When a step yields non-finite parameters or NaN statistics, or raises
+        :class:`FloatingPointError` (a quantity beyond the float range); names the step.
     """
     if not callable(step):
         raise TypeError(f"step must be a callable step function, got {step!r}")
@@ -184,8 +185,13 @@ def train(
         raise ValueError("theta0 must be finite")
     rec.evaluate(0, theta)
     for t in progress_bar(range(1, n_steps + 1), enabled=progress, desc=name, total=n_steps):
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            theta_new, info = step(policy_class, theta, problem, rng, **options)
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                theta_new, info = step(policy_class, theta, problem, rng, **options)
+        except TrainingDiverged:
+            raise
+        except FloatingPointError as exc:  # e.g. a PPO ratio beyond the float range
+            rec.diverged(t, str(exc))
         rec.record(t, theta_new, info)
         theta = np.asarray(theta_new, dtype=float)
         if t % eval_every == 0 or t == n_steps:
