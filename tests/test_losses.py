@@ -690,3 +690,14 @@ def test_loss_shapes_experiment():
     assert all(c > 0 for m, c in zip(res.members, res.curvature) if m != "hinge")
     fig = mod.figure(res)
     assert len(fig.axes) == 3 and "f''(0)/2" in fig._suptitle.get_text()
+    # curves that coincide (squared and truncated quadratic share their Taylor terms, and their
+    # normalised curves on [-1, 1]) are drawn so that both stay visible
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        for a in range(len(lines)):
+            for b in range(a):
+                la, lb = lines[a], lines[b]
+                if np.array_equal(la.get_xydata(), lb.get_xydata()):
+                    assert (la.get_linestyle(), la.get_marker()) != (lb.get_linestyle(), lb.get_marker())
+    taylor_labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert any("truncated_quadratic" in t and "= squared" in t for t in taylor_labels)

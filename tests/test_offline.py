@@ -542,30 +542,62 @@ def overopt():
     return oo, oo.run(oo.Config.quick())
 
 
-def test_offline_losses_over_optimise_and_agree_once_calibrated_for_kl(overopt):
-    oo, res = overopt
-    j = int(np.argmin(res.betas))
-    T = res.gold.shape[-1] - 1
-    gain = res.peak_gold - res.gold_ref
-    for i, m in enumerate(res.methods):
-        k = res.peak_step[i]
-        # over-optimisation: an interior maximum, well above the end of training (>= 10% of the gain;
-        # measured 3.1 (DPO), 3.8 (IPO), 0.8 (SLiC) gains at the quick size)
-        assert 0 < k < T, m
-        assert gain[i] > 0.3, m
-        assert res.peak_gold[i] - res.final_gold[i] > 0.1 * gain[i], m
-        # while the learned (proxy) reward keeps rising past the gold peak
-        assert res.proxy[i, j, -1] > res.proxy[i, j, k] + 0.5, m
-        assert res.kl[i, j, -1] > res.peak_kl[i], m
-    # calibrated for KL: before the first peak the losses' gold rewards at matched KL agree within
-    # 40% of the gain (measured 23%), and their peak gains within a factor 1.5 (measured 1.42)
-    assert res.rising_gap < 0.4
-    assert gain.max() / gain.min() < 1.5
-    # the over-optimisation onset follows the offline-regulariser strength f''(0)/(2|f'(0)|):
-    # IPO (1/2) peaks at the smallest KL (it did in all 8 of 10 seeds that over-optimised)
-    assert res.peak_kl[res.methods.index("IPO")] == res.peak_kl.min()
-    # the tabular class, whose implicit reward does not extrapolate, does not over-optimise here
-    assert res.tabular_gold[-1] >= res.tabular_gold.max() - 0.05 * (res.tabular_gold.max() - res.gold_ref)
+@pytest.fixture(scope="module")
+def overopt_seeds():
+    """Twelve independent datasets (seeds 0-11) at the smallest beta, trained twice as far as
+    ``Config.quick()`` (``lr * steps`` = 12 instead of 6; SLiC, with no offline regulariser, peaks
+    last and needs it to reach its fall on most datasets); about 4 s."""
+    import dataclasses
+
+    from toyrlhf.experiments import offline_overoptimisation as oo
+
+    base = dataclasses.replace(oo.Config.quick(), betas=(0.05,), steps=150, lr=0.08, frontier_points=2)
+    return [oo.run(dataclasses.replace(base, seed=s)) for s in range(12)]
+
+
+def _mean_se(x):
+    x = np.asarray(x, dtype=float)
+    return x.mean(axis=0), x.std(axis=0, ddof=1) / np.sqrt(x.shape[0])
+
+
+def test_offline_losses_over_optimise_and_agree_once_calibrated_for_kl(overopt_seeds):
+    """The slides' claims over independent datasets, paired by dataset, with two-s.e. margins.
+
+    Measured (12 datasets): relative drops after the peak 2.7 +- 0.7 (DPO), 2.4 +- 0.6 (IPO),
+    2.6 +- 0.6 (SLiC); matched-KL spread before the first peak 0.22 +- 0.04 of the gain; spread of
+    the peak gains 0.17 +- 0.04 of their mean; log peak-KL DPO - IPO 0.17 +- 0.05, SLiC - DPO
+    0.17 +- 0.05.  "Falls" and "alike" use the claims' own qualitative threshold, half the gain.
+    """
+    runs = overopt_seeds
+    methods = runs[0].methods
+    gain = np.array([r.peak_gold - r.gold_ref for r in runs])  # (S, L)
+    drop = np.array([r.peak_gold - r.final_gold for r in runs])
+    proxy_rise = np.array([[r.proxy[i, 0, -1] - r.proxy[i, 0, r.peak_step[i]] for i in range(len(methods))]
+                           for r in runs])
+    g, g_se = _mean_se(gain)
+    rel, rel_se = _mean_se(drop / gain)
+    pr, pr_se = _mean_se(proxy_rise)
+    for i, m in enumerate(methods):
+        assert g[i] > 2 * g_se[i], m  # the gold reward first rises above pi_ref's ...
+        assert rel[i] - 2 * rel_se[i] > 0.5, (m, rel[i], rel_se[i])  # ... then loses more than half of that gain
+        assert pr[i] > 2 * pr_se[i], m  # while the learned (proxy) reward keeps rising past the gold peak
+    # alike once calibrated for KL: up to the first peak the losses' gold rewards at matched KL, and
+    # their peak gains, differ by less than half the gain (upper two-s.e. bounds)
+    gap, gap_se = _mean_se([r.rising_gap for r in runs])
+    assert gap + 2 * gap_se < 0.5, (gap, gap_se)
+    spread, spread_se = _mean_se(np.ptp(gain, axis=1) / gain.mean(axis=1))
+    assert spread + 2 * spread_se < 0.5, (spread, spread_se)
+    # the onset follows the offline-regulariser strength f''(0) / (2 |f'(0)|): IPO (1/2) peaks at a
+    # smaller KL than DPO (1/4), which peaks before SLiC (0)
+    lk = np.log(np.array([r.peak_kl for r in runs]))
+    ipo, dpo, slic = (methods.index(m) for m in ("IPO", "DPO", "SLiC"))
+    for later, earlier in ((dpo, ipo), (slic, dpo)):
+        d, d_se = _mean_se(lk[:, later] - lk[:, earlier])
+        assert d > 2 * d_se, (methods[later], methods[earlier], d, d_se)
+    # DPO over the tabular class, whose implicit reward does not extrapolate, loses less of its gain
+    tab = np.array([(r.tabular_gold.max() - r.tabular_gold[-1]) / (r.tabular_gold.max() - r.gold_ref) for r in runs])
+    d, d_se = _mean_se(drop[:, dpo] / gain[:, dpo] - tab)
+    assert d > 2 * d_se, (d, d_se)
 
 
 def test_offline_overoptimisation_figure(overopt):
@@ -573,3 +605,7 @@ def test_offline_overoptimisation_figure(overopt):
     fig = oo.figure(res)
     assert len(fig.axes) == 4
     assert all(np.all(np.isfinite(line.get_ydata())) for ax in fig.axes for line in ax.get_lines())
+    for ax in fig.axes:
+        assert ax.get_xlabel() and ax.get_title() and "[reward units]" in ax.get_ylabel()
+        assert ax.get_legend() is not None
+    assert sum("nats" in ax.get_xlabel() for ax in fig.axes) == 3  # the sqrt(KL) axes carry their unit

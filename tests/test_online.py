@@ -535,15 +535,27 @@ def test_experiment_pg_variance_claims():
 
 
 def test_experiment_offline_online_online_beats_offline_at_matched_data():
+    """Online DPO ends with more gold than offline DPO from the same number of sampled pairs.
+
+    The effect is modest against the spread over random problems (about 0.09 of the soft-optimal
+    gain, per-problem standard deviation about 0.17, measured over 192 problems), so it is
+    asserted over 64 problems -- an expected 4 standard errors -- with the budget of
+    ``Config.quick()`` (128 pairs and steps) and only the two compared methods, paired by problem
+    (normalised gains remove each problem's scale).
+    """
+    import dataclasses
+
     from toyrlhf.experiments import offline_online as ex
 
-    res = ex.run(ex.Config.quick())
-    final = res.final_gold()
+    c = dataclasses.replace(ex.Config.quick(), rounds=(1,), seeds=64, eval_points=2, rlhf_steps=1)
+    res = ex.run(c)
+    final = res.normalised(res.final_gold())
     offline, online = 0, res.methods.index("online DPO")
     assert res.methods[offline] == "offline DPO"
     diff = final[:, online] - final[:, offline]
-    assert diff.mean() > 0, f"online - offline final gold per seed: {diff}"
-    assert np.all(final > res.gold_ref[:, None])  # every method improves on pi_ref
+    se = diff.std(ddof=1) / np.sqrt(diff.size)
+    assert diff.mean() > 2 * se, f"online - offline: {diff.mean():.3f} +- {se:.3f}"
+    assert np.all(final > 0)  # every method improves on pi_ref on every problem
 
 
 @pytest.mark.parametrize("eos", [None, 1])

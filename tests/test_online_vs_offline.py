@@ -171,3 +171,49 @@ def test_online_at_least_offline_at_matched_kl(m):
     assert mean.mean() > 0
     # and nowhere is offline significantly ahead
     assert np.all(mean > -2 * se - 1e-12)
+
+
+def _gold_at_first_crossing(kl, gold, x):
+    """Gold where a trajectory's KL first reaches ``x``, by linear interpolation from the last point
+    that set a running maximum below ``x``; None if the trajectory never gets that far."""
+    kl, gold = np.asarray(kl), np.asarray(gold)
+    if kl.max() < x:
+        return None
+    i = int(np.flatnonzero(kl >= x)[0])
+    if i == 0:
+        return float(gold[0])
+    j = int(np.argmax(kl[:i]))  # the furthest point before i (first occurrence)
+    return float(gold[j] + (gold[i] - gold[j]) * (x - kl[j]) / (kl[i] - kl[j]))
+
+
+@pytest.mark.parametrize("m", [ONLINE, PATH])
+def test_matched_kl_statistics_against_an_independent_recomputation(m):
+    """``reached``, ``gold_at_kl``, ``matched_difference`` and ``ahead_fraction`` recomputed at every
+    grid point from the stored per-seed trajectories, with plain loops (no shared code)."""
+    r = quick()
+    c = r.config
+    assert np.array_equal(r.dpo_step, np.arange(c.dpo_steps + 1))  # DPO stored at every step
+    traj = {ONLINE: (r.rl_kl, r.rl_gold), PATH: (r.path_kl, r.path_gold), DPO: (r.dpo_kl, r.dpo_gold)}
+    S, K = r.gold_ref.size, r.kl_grid.size
+    means, ses, ns = np.zeros(K), np.zeros(K), np.zeros(K, dtype=int)
+    for k, x in enumerate(r.kl_grid):
+        diffs = []
+        for s in range(S):
+            a = _gold_at_first_crossing(traj[m][0][s], traj[m][1][s], x)
+            b = _gold_at_first_crossing(traj[DPO][0][s], traj[DPO][1][s], x)
+            assert r.reached[s, m, k] == (a is not None) and r.reached[s, DPO, k] == (b is not None)
+            if a is not None:
+                assert abs(r.gold_at_kl[s, m, k] - a) < 1e-12
+            if a is not None and b is not None:
+                diffs.append(a - b)
+        ns[k] = len(diffs)
+        means[k] = np.mean(diffs)
+        ses[k] = np.std(diffs, ddof=1) / np.sqrt(len(diffs))
+    # the grid runs to the median reach, so some seeds miss its end: the statistics must skip them
+    assert ns[-1] < S and ns[0] == S
+    mean, se, n = r.matched_difference(m, DPO)
+    np.testing.assert_array_equal(n, ns)
+    np.testing.assert_allclose(mean, means, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(se, ses, rtol=1e-9, atol=1e-15)
+    assert np.all(ses[r.kl_grid > 0] > 0)  # real spread: a zero standard error would be a bug
+    assert r.ahead_fraction(m, DPO) == np.mean(means[r.kl_grid > 0] >= 0)

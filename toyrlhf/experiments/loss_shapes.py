@@ -127,43 +127,70 @@ def _label(result: Result, k: int) -> str:
     return name if name.replace("_", " ") == method.lower() else f"{name} ({method})"
 
 
+def _twin(result: Result, k: int, curve: np.ndarray) -> str | None:
+    """The earlier member whose ``curve`` row is identical to row ``k`` on the grid, if any."""
+    for i in range(k):
+        if np.array_equal(curve[i], curve[k]):
+            return result.members[i]
+    return None
+
+
+def _style(result: Result, k: int, curve: np.ndarray, base: str = "-") -> dict:
+    """Line style of member ``k``: a dotted line with markers where it coincides with an earlier member."""
+    if _twin(result, k, curve) is None and not (result.members[k] == "truncated_quadratic" and curve is result.f):
+        return dict(ls=base)
+    return dict(ls=(0, (1, 1.5)), marker="o", ms=3.5, markevery=(k * 7 % 40, 40), lw=2.2)
+
+
 def plot_losses(result: Result, ax) -> None:
-    """Draw f(x) of every member."""
+    """Draw f(x) of every member (the truncated quadratic equals the squared loss for x < 1)."""
     for k in range(len(result.members)):
-        # the truncated quadratic equals the squared loss for x < 1: dash it so both show
-        ls = "-." if result.members[k] == "truncated_quadratic" else "-"
-        ax.plot(result.x, result.f[k], color=f"C{k}", ls=ls, label=_label(result, k))
+        label = _label(result, k)
+        if result.members[k] == "truncated_quadratic":
+            label += ", = squared for x < 1"
+        ax.plot(result.x, result.f[k], color=f"C{k}", label=label, **_style(result, k, result.f))
     ax.set_ylim(-0.3, 8.0)
     ax.set_xlabel(r"$x = \beta\rho$")
-    ax.set_ylabel(r"$f(x)$")
-    ax.set_title("Convex losses $f$")
-    ax.legend(loc="upper right")
+    ax.set_ylabel(r"$f(x)$ (loss per pair)")
+    ax.set_title("Convex losses $f$, all decreasing at 0")
+    ax.legend(loc="upper right", fontsize=8)
 
 
 def plot_taylor(result: Result, ax) -> None:
-    """Draw each member's second-order Taylor polynomial at 0 (dashed) over f (faint)."""
+    """Draw each member's second-order Taylor polynomial at 0 (dashed) over f (faint).
+
+    Members with the same Taylor terms (squared and truncated quadratic) would draw the same curve:
+    the later one is dotted with markers and says so in the legend.
+    """
     for k in range(len(result.members)):
         ax.plot(result.x, result.f[k], color=f"C{k}", alpha=0.3)
-        ax.plot(result.x, result.taylor[k], color=f"C{k}", ls="--",
-                label=rf"{result.members[k]}: $f''(0)/2 = {0.5 * result.d2f0[k]:.3g}$")
+        twin = _twin(result, k, result.taylor)
+        label = rf"{result.members[k]}: $f''(0)/2 = {0.5 * result.d2f0[k]:.3g}$"
+        if twin is not None:
+            label += f" (= {twin})"
+        ax.plot(result.x, result.taylor[k], color=f"C{k}", label=label, **_style(result, k, result.taylor, "--"))
     ax.set_ylim(-2.2, 8.0)
     ax.set_xlabel(r"$x = \beta\rho$")
     ax.set_ylabel(r"$f(0) + f'(0)x + \frac{f''(0)}{2}x^2$")
-    ax.set_title("Second-order Taylor (dashed) vs $f$ (faint)")
+    ax.set_title("Second-order Taylor (dashed) differs in $f''(0)/2$")
     ax.legend(loc="upper right", fontsize=8)
 
 
 def plot_normalised(result: Result, ax) -> None:
     """Draw (f(x) - f(0)) / |f'(0)|: equal slopes at 0, different curvature."""
     for k in range(len(result.members)):
-        ax.plot(result.x_normalised, result.normalised[k], color=f"C{k}",
-                label=rf"{result.members[k]}: $f''(0)/(2|f'(0)|) = {result.curvature[k]:.3g}$")
+        twin = _twin(result, k, result.normalised)
+        label = rf"{result.members[k]}: $f''(0)/(2|f'(0)|) = {result.curvature[k]:.3g}$"
+        if twin is not None:
+            label += f" (= {twin})"
+        ax.plot(result.x_normalised, result.normalised[k], color=f"C{k}", label=label,
+                **_style(result, k, result.normalised))
     ax.plot(result.x_normalised, -result.x_normalised, color="k", lw=0.8, ls=":",
             label="$-x$ (first order)")
     ax.set_xlabel(r"$x = \beta\rho$")
     ax.set_ylabel(r"$(f(x) - f(0)) / |f'(0)|$")
     ax.set_title("Normalised by $|f'(0)|$: same slope at 0")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
 
 
 def figure(result: Result):

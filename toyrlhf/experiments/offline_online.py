@@ -17,6 +17,22 @@ The reference policy is peaked, so the offline pairs cover few completions, and 
 is tabular, so DPO learns nothing about completions it never sees; sampling from the improving
 policy finds them.  Trajectories are exact (gold reward and KL of the policy, by enumeration),
 averaged over ``seeds`` independent problems and data sets.
+
+Measured (``Config()``, 48 problems; final gold gain as a fraction of the soft-optimal policy's
+gain over ``pi_ref``; differences paired by problem, mean +- standard error):
+
+* offline DPO 0.63; minus offline DPO: iterative DPO K=4 ``+0.115 +- 0.025``, K=16
+  ``+0.111 +- 0.031``, K=64 ``+0.037 +- 0.035``, online DPO ``+0.087 +- 0.032``, two-stage RLHF
+  ``+0.154 +- 0.024``; the four on-policy variants together ``+0.088 +- 0.022``;
+* the effect is modest against the spread over problems (standard deviation of the online -
+  offline difference about 0.2), so a dozen problems do not resolve it (at 12 problems online
+  DPO's advantage was ``+0.12 +- 0.09``); that is why ``Config()`` averages 48;
+* offline DPO ends at the smallest KL (1.3 nats against 1.75-1.9 for the on-policy methods):
+  at matched KL along training it is not behind, it stops early because its fixed pairs stop
+  informing it.
+
+``tests/test_online.py`` asserts online DPO > offline DPO at the quick budget (128 pairs and
+steps) over 64 problems by more than two standard errors (measured ``0.079 +- 0.023``).
 """
 
 from __future__ import annotations
@@ -34,7 +50,7 @@ from ..online import (
     sample_rollouts,
     train,
 )
-from ..plotting import new_figure
+from ..plotting import new_figure, style
 from ..policies import TabularPolicy, random_policy
 from ..preferences import preference_pairs
 from ..progress import progress_bar
@@ -76,8 +92,8 @@ class Config:
     """Mirror-descent step size of the RL stage."""
     eval_points: int = 32
     """Exact evaluations per trajectory."""
-    seeds: int = 12
-    """Independent problems/data sets averaged."""
+    seeds: int = 48
+    """Independent problems/data sets averaged (the effects are ~0.1 against a spread of ~0.2 per problem)."""
 
     @classmethod
     def quick(cls) -> Config:
@@ -180,6 +196,15 @@ def run(config: Config = Config(), progress: bool = False) -> Result:
     return Result(config, methods, np.array(config.rounds), gold, kl, labels, gref, gopt, klopt)
 
 
+def _paired(result: Result):
+    """Final normalised gold gain minus offline DPO's, paired by problem: ``(mean, se)``, each ``(M,)``."""
+    fg = result.normalised(result.final_gold())
+    d = fg - fg[:, :1]
+    S = d.shape[0]
+    se = d.std(axis=0, ddof=1) / np.sqrt(S) if S > 1 else np.zeros(d.shape[1])
+    return d.mean(axis=0), se
+
+
 def plot_frontier(result: Result, ax) -> None:
     """Mean normalised gold reward against mean KL to pi_ref along each method's training."""
     ng = result.normalised(result.gold)
@@ -189,38 +214,43 @@ def plot_frontier(result: Result, ax) -> None:
         ax.plot(k, g, style, marker="o", ms=2.5, label=name, color=f"C{m}")
         ax.plot(k[-1], g[-1], "o", ms=7, color=f"C{m}")
     ax.plot(result.kl_opt.mean(), 1.0, "*", ms=14, color="k", label=r"soft-optimal for gold at $\beta$")
-    ax.set_xlabel(r"KL$(P_\pi \,\|\, P_{ref})$ (mean over seeds)")
-    ax.set_ylabel(r"gold gain $(g - g_{ref}) / (g^* - g_{ref})$")
-    ax.set_title("Gold reward vs KL along training")
-    ax.legend(fontsize="x-small")
+    ax.set_xlabel(r"KL$(P_\pi \,\|\, P_{ref})$ [nats] (mean over problems)")
+    ax.set_ylabel(r"gold gain $(g - g_{ref}) / (g^* - g_{ref})$ [fraction]")
+    ax.set_title("Offline DPO stops at the smallest KL (large dots: end of training)")
+    ax.legend(fontsize="x-small", loc="lower right")
 
 
 def plot_final(result: Result, ax) -> None:
-    """Final normalised gold reward of iterative DPO against its rounds; other methods as bands."""
-    fg = result.normalised(result.final_gold())
-    S = fg.shape[0]
+    """Final normalised gold gain minus the first method's (offline DPO, paired by problem) against the rounds K."""
+    mean, se = _paired(result)
+    S = result.gold.shape[0]
     R = result.rounds.size
-    mean = fg.mean(axis=0)
-    se = fg.std(axis=0, ddof=1) / np.sqrt(S) if S > 1 else np.zeros(fg.shape[1])
     labels = result.labels.mean(axis=0)
+    ax.axhline(0.0, color="C0", lw=1.2, label=f"{result.methods[0]} (K={result.rounds[0]}), the baseline")
     ax.errorbar(result.rounds, mean[:R], yerr=se[:R], fmt="o-", color="0.25", capsize=3,
-                label="offline (K=1) and iterative DPO")
+                label="iterative DPO, K rounds")
     for m in (R, R + 1):
-        ax.axhline(mean[m], color=f"C{m}", label=f"{result.methods[m]} ({labels[m]:.0f} labels)")
-        ax.axhspan(mean[m] - se[m], mean[m] + se[m], color=f"C{m}", alpha=0.15)
+        ax.axhline(mean[m], color=f"C{m}", ls="--" if m == R + 1 else "-",
+                   label=f"{result.methods[m]} ({labels[m]:.0f} labels)")
+        ax.axhspan(mean[m] - se[m], mean[m] + se[m], color=f"C{m}", alpha=0.15, lw=0)
     for x, y, n in zip(result.rounds, mean[:R], labels[:R]):
         ax.annotate(f"{n:.0f}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize="x-small")
-    ax.axhline(1.0, color="k", ls=":", label="soft-optimal for gold")
+    hi = float(np.max(mean + se))
+    ax.set_ylim(-0.9 * hi, 1.15 * hi)  # room below 0 for the legend
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rounds K of fresh on-policy pairs (same total)")
-    ax.set_ylabel("final gold gain (mean ± SE over seeds)")
-    ax.set_title(f"{result.config.n_pairs} sampled pairs each (numbers: labels, ties unlabelled)")
-    ax.legend(fontsize="x-small")
+    ax.set_ylabel("final gold gain − offline DPO's [fraction]\n(paired by problem, mean ± SE)")
+    on = result.methods.index("online DPO")
+    ax.set_title(f"On-policy pairs win: online DPO {mean[on]:+.2f} ± {se[on]:.2f} ({S} problems)")
+    ax.legend(fontsize="x-small", loc="lower right", title="numbers: labels used (ties unlabelled)",
+              title_fontsize="x-small")
 
 
 def figure(result: Result):
-    fig, axes = new_figure(1, 2, figsize=(11, 4.4))
-    plot_frontier(result, axes[0])
-    plot_final(result, axes[1])
-    fig.suptitle("The offline-to-online spectrum at matched data (slides 002)")
+    with style():
+        fig, axes = new_figure(1, 2, figsize=(13, 4.6))
+        plot_frontier(result, axes[0])
+        plot_final(result, axes[1])
+        fig.suptitle(f"Equal data ({result.config.n_pairs} sampled pairs): on-policy pairs beat pairs from "
+                     "$\\pi_{ref}$; a generalising reward model does best (slides 002)")
     return fig

@@ -217,8 +217,12 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        """A small run for tests (about 2 s on one core): fewer seeds, shorter and coarser runs."""
-        return cls(seeds=12, dpo_steps=150, dpo_lr=1.0, rl_steps=40, rl_lr=3.0, path_points=6, eval_points=51,
+        """A small run for tests (about 2 s on one core): fewer seeds, shorter and coarser runs.
+
+        DPO is stored at every step (``eval_points = dpo_steps + 1``), so the matched-KL statistics
+        can be recomputed from the stored trajectories alone.
+        """
+        return cls(seeds=12, dpo_steps=150, dpo_lr=1.0, rl_steps=40, rl_lr=3.0, path_points=6, eval_points=151,
                    kl_points=25)
 
 
