@@ -20,9 +20,25 @@ def test_partial_coverage_claims():
     assert res.trajectory[-1, 1] < 1e-3
 
 
-def test_partial_coverage_figure_draws_three_panels():
+def test_partial_coverage_figure_draws_the_results_data():
+    """The figure shows the Result's numbers: bar heights, trajectory curves and simplex points."""
     res = pc.run(pc.Config.quick())
     fig = pc.figure(res)
-    assert len(fig.axes) == 3
-    bars = [p.get_height() for p in fig.axes[0].patches]
-    assert len(bars) == 12 and max(bars) <= 1.0 + 1e-12
+    bars_ax, traj_ax, simplex_ax = fig.axes
+    # panel 1: four groups of three bars, in the order pi_ref, RLHF, DPO on supp(pi_ref), feature-sharing DPO
+    heights = np.array([b.get_height() for b in bars_ax.patches])
+    want = np.concatenate([res.pi_ref, res.rlhf, res.dpo_ref_support, res.trajectory[-1]])
+    np.testing.assert_array_equal(heights, want)
+    # panel 2: one curve per completion along the DPO steps, and RLHF's pi(xi3) as a reference line
+    lines = traj_ax.get_lines()
+    for k in range(3):
+        np.testing.assert_array_equal(lines[k].get_ydata(), res.trajectory[:, k])
+        np.testing.assert_array_equal(lines[k].get_xdata(), np.arange(res.trajectory.shape[0]))
+    assert lines[3].get_ydata()[0] == res.rlhf[2]
+    # panel 3: the trajectory in barycentric coordinates of the simplex's corners
+    corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
+    xy = res.trajectory @ corners
+    run = [ln for ln in simplex_ax.get_lines() if ln.get_label() == "feature-sharing DPO run"]
+    assert len(run) == 1
+    np.testing.assert_allclose(run[0].get_xdata(), xy[:, 0], rtol=0, atol=4 * np.finfo(float).eps)
+    np.testing.assert_allclose(run[0].get_ydata(), xy[:, 1], rtol=0, atol=4 * np.finfo(float).eps)

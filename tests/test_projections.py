@@ -1,12 +1,15 @@
 """The three projections: closed forms, reductions, identities between RLHF and DPO, gradients."""
 
+import warnings
+
 import numpy as np
 import pytest
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 
 from toyrlhf.policies import (
     LogLinearPolicy,
     TabularPolicy,
+    last_tokens_features,
     leaf_logprobs,
     next_token_features,
     position_token_features,
@@ -56,6 +59,28 @@ def fd_grad(f, x, eps=1e-6):
     return np.array([(f(x + eps * e) - f(x - eps * e)) / (2 * eps) for e in np.eye(x.size)])
 
 
+def newton_error(J, weights, g, scale=1.0):
+    """First-order leaf log-prob error ``J H^+ g`` of a point whose gradient is ``g``.
+
+    Near a minimiser ``theta*`` of an objective with Hessian ``H = scale J^T diag(weights) J``
+    (``J = d log P / d theta`` on the finite leaves, ``weights = rho0 P``: the Fisher information,
+    which is the Hessian at the optimum of ``beta KL(P_theta || P*)`` (scale ``beta``), of the
+    reverse KL and of the cross-entropy when the target is in the class), ``theta - theta* =
+    H^+ g + O(|g|^2)`` and the leaf log-probs are off by ``J H^+ g``.  Directions in the null
+    space of ``H`` do not move any leaf.  Returns the vector ``J H^+ g``.
+    """
+    H = scale * J.T @ (weights[:, None] * J)
+    return J @ (np.linalg.pinv(H, rcond=1e-10, hermitian=True) @ g)
+
+
+def leaf_jacobian(cls, theta, fin):
+    """Rows ``d log P(xi) / d theta`` of the finite leaves, by central differences (no tree gradient code)."""
+    h = 1e-5
+    with np.errstate(invalid="ignore"):
+        cols = [(cls.leaf_logprobs(theta + h * e) - cls.leaf_logprobs(theta - h * e))[fin] / (2 * h) for e in np.eye(theta.size)]
+    return np.array(cols).T
+
+
 def centred(r, mask):
     """Remove the per-prompt mean over ``mask`` (BT identifies rewards only up to a constant)."""
     out = np.where(mask, r, 0.0)
@@ -83,7 +108,22 @@ def test_gibbs_equals_soft_value_iteration_equals_direct_maximisation(eos):
         return -tree.average(kl_regularized_objective(tree, cls.conditionals(t), ref, r, beta))
     res = optimize.minimize(negJ, np.zeros(cls.n_params), method="BFGS", options={"gtol": 1e-9})
     np.testing.assert_allclose(-res.fun, tree.average(beta * log_Z), atol=1e-8)
-    np.testing.assert_allclose(np.exp(cls.leaf_logprobs(res.x)), np.exp(gibbs), atol=1e-4)
+    # how close BFGS got, from where it stopped: its gradient g (central differences, error
+    # h^2 |f^(3)| / 6 + eps |f| / h < 1e-9 with h = 1e-5) and the Hessian of -J at the optimum,
+    # H = beta * Fisher (as J = beta log Z - beta KL(P || P*)); the leaf probabilities are off by
+    # diag(P) J H^+ g to first order: allow twice that, plus the gradient's own error
+    x = res.x
+    h = 1e-5
+    g = np.array([(negJ(x + h * e) - negJ(x - h * e)) / (2 * h) for e in np.eye(x.size)])
+    lp = cls.leaf_logprobs(x)
+    fin = np.isfinite(lp)
+    J = leaf_jacobian(cls, x, fin)
+    w = (tree.rho0[:, None] * np.exp(lp))[fin]
+    A = np.exp(lp[fin])[:, None] * J @ np.linalg.pinv(beta * J.T @ (w[:, None] * J), rcond=1e-10, hermitian=True)
+    bound = 2 * np.abs(A @ g).max() + np.abs(A).sum(axis=1).max() * 1e-9
+    assert bound < 1e-6  # BFGS got close: far tighter than the 1e-4 this check had
+    np.testing.assert_array_equal(np.isneginf(lp), np.isneginf(gibbs))
+    np.testing.assert_allclose(np.exp(lp), np.exp(gibbs), rtol=0, atol=bound)
 
 
 def test_soft_optimal_is_optimal_and_beta_limits():
@@ -104,11 +144,23 @@ def test_soft_optimal_is_optimal_and_beta_limits():
 
 
 def test_soft_value_iteration_large_rewards_no_overflow():
+    """r / beta up to ~3e6 nats: log Z and log P* against the closed form, within float64 rounding."""
     tree = TokenTree(V=2, H=4)
     r = 1e4 * random_tabular_reward(tree, np.random.default_rng(2))
-    sol = soft_optimal_policy(tree, uniform_policy(tree), r, beta=1e-2)
-    assert np.all(np.isfinite(sol.log_Z))
-    assert all(np.all(~np.isnan(lp)) for lp in sol.log_pi)
+    beta = 1e-2
+    sol = soft_optimal_policy(tree, uniform_policy(tree), r, beta=beta)
+    # closed form, independently of the tree code: log Z = logsumexp_xi(log P_ref(xi) + r(xi) / beta)
+    z = -tree.H * np.log(2.0) + r / beta
+    want = special.logsumexp(z, axis=1)
+    assert np.all(np.isfinite(want)) and np.abs(want).max() > 1e6  # the regime exp() would overflow in
+    # rounding: each of the H levels rounds values of magnitude M ~ max|z| a few times and sums V
+    # terms (tests/test_backend.py's float32 analysis, with float64 eps)
+    M = np.abs(z).max()
+    tol = 4 * tree.H * (tree.V + 2 + 3 * M) * np.finfo(float).eps
+    np.testing.assert_allclose(sol.log_Z, want, rtol=0, atol=tol)
+    lp = leaf_logprobs(tree, sol.log_pi)
+    assert not np.isnan(lp).any()
+    np.testing.assert_allclose(lp, z - want[:, None], rtol=0, atol=2 * tol)
 
 
 # ============================================================ Bradley–Terry and reward MLE
@@ -320,13 +372,33 @@ def test_pi_of_r_closes_the_gap_dpo_equals_reward_mle():
 
 # ============================================================ KL projections and SFT
 def test_rkl_and_fkl_onto_tabular_recover_the_target():
+    """The target is in the class: both projections return it, attained, to within their own residual.
+
+    The tolerance is derived from where L-BFGS stopped: with its gradient ``g`` there, the leaf
+    log-probs are off by ``J F^+ g`` to first order (``F`` the Fisher information, the Hessian of
+    both objectives at the optimum); we allow twice that plus rounding.
+    """
     tree = TokenTree(V=2, H=3, P=2)
     rng = np.random.default_rng(12)
     target = random_policy(tree, rng)
     t_lp = leaf_logprobs(tree, target)
     cls = TabularPolicy(tree, uniform_policy(tree))
-    np.testing.assert_allclose(rkl_projection(cls, t_lp).leaf_logp, t_lp, atol=1e-5)
-    np.testing.assert_allclose(fkl_projection(cls, np.exp(t_lp)).leaf_logp, t_lp, atol=1e-5)
+    w_fkl = tree.rho0[:, None] * np.exp(t_lp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotAttainedWarning)
+        fits = {
+            "rkl": (rkl_projection(cls, t_lp), lambda t: rkl_objective(cls, t, t_lp)[1]),
+            "fkl": (fkl_projection(cls, np.exp(t_lp)), lambda t: cross_entropy_objective(cls, t, w_fkl)[1]),
+        }
+    fin = np.ones(t_lp.shape, dtype=bool)
+    for name, (fit, grad) in fits.items():
+        assert fit.attained and fit.converged, name
+        g = grad(fit.params)
+        assert np.abs(g).max() <= 10 * 1e-10  # the fits' gradient tolerance (L-BFGS's converged test)
+        pred = newton_error(leaf_jacobian(cls, fit.params, fin), (tree.rho0[:, None] * np.exp(fit.leaf_logp)).ravel(), g)
+        tol = 2 * np.abs(pred).max() + 64 * np.finfo(float).eps * np.abs(t_lp).max()
+        assert tol < 1e-6, name
+        np.testing.assert_allclose(fit.leaf_logp, t_lp, rtol=0, atol=tol, err_msg=name)
 
 
 def test_soft_rl_projection_maximises_j_over_restricted_class():
@@ -346,12 +418,99 @@ def test_soft_rl_projection_maximises_j_over_restricted_class():
 
 
 def test_sft_is_empirical_maximum_likelihood():
+    """The empirical law (0.5, 0.3, 0, 0.2), approached but not attained: leaf 2 can only tend to 0.
+
+    Tolerance, exact for the tabular class: the cross-entropy's gradient in the logit of edge
+    ``(s, a)`` is ``g = M(s) pi(a|s) - M(s.a)`` (``M`` the empirical mass below a node), so
+    ``|pi(a|s) - q(a|s)| = |g| / M(s)`` at every visited node, and a product of ``H`` numbers in
+    [0, 1] moves by at most the sum of their moves: ``|P - Q| <= H max|g| / min M``.
+    """
     tree = TokenTree(V=2, H=2, P=1)
     prompts = np.zeros(10, dtype=int)
     leaves = np.array([0] * 5 + [1] * 3 + [3] * 2)
-    fit = sft(tree, prompts, leaves, TabularPolicy(tree, uniform_policy(tree)))
-    # cross-entropy optimum over the tabular class with full support = the empirical law (leaf 2 -> 0)
-    np.testing.assert_allclose(np.exp(fit.leaf_logp[0]), [0.5, 0.3, 0.0, 0.2], atol=2e-4)
+    cls = TabularPolicy(tree, uniform_policy(tree))
+    with pytest.warns(NotAttainedWarning, match="sft"):
+        fit = sft(tree, prompts, leaves, cls)
+    assert not fit.attained and fit.converged
+    q = np.array([[0.5, 0.3, 0.0, 0.2]])
+    g = cross_entropy_objective(cls, fit.params, q)[1]
+    bound = tree.H * np.abs(g).max() / 0.2  # node masses: root 1, nodes 0.8 and 0.2
+    assert bound < 1e-7  # the fit is close: far tighter than the 2e-4 this check had
+    p = np.exp(fit.leaf_logp)
+    np.testing.assert_allclose(p, q, rtol=0, atol=bound)
+    assert 0 < p[0, 2] <= bound  # the unseen completion is vanishing, never exactly zero
+
+
+def test_fkl_attainment_is_decided_not_assumed():
+    """A target with a zero that a class of finite logits can only approach is not attained; a
+    full-support target is.  Decided exactly for the tabular class (node masses), for log-linear
+    classes and Pi(R) of a linear reward class (separation linear programs): three classes with
+    the same span give the same verdicts, and a log-linear class that shares weights across nodes
+    attains the holed target's projection (it cannot zero one node's token without the other's)."""
+    tree = TokenTree(V=2, H=2, P=1)
+    rng = np.random.default_rng(20)
+    full = np.exp(leaf_logprobs(tree, random_policy(tree, rng)))
+    holed = full.copy()
+    holed[0, 2] = 0.0  # tokens (1, 0): pi(0 | 1) = 0 under the target
+    holed[0] /= holed[0].sum()
+    classes = {
+        "tabular": TabularPolicy(tree, uniform_policy(tree)),
+        "loglinear": LogLinearPolicy(tree, uniform_policy(tree), last_tokens_features(tree, k=tree.H - 1)),
+        "pi_of_r": SoftOptimalPolicyClass(TabularReward(tree), uniform_policy(tree), 1.0),
+    }
+    for name, cls in classes.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NotAttainedWarning)
+            fit = fkl_projection(cls, full)
+        assert fit.attained, name
+        with pytest.warns(NotAttainedWarning, match="fkl_projection"):
+            fit = fkl_projection(cls, holed)
+        assert not fit.attained, name
+        p = np.exp(fit.leaf_logp)
+        assert 0 < p[0, 2] < 1e-9, name  # vanishing (of the order of the gradient tolerance), never zero
+        np.testing.assert_allclose(p, holed, rtol=0, atol=1e-8, err_msg=name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NotAttainedWarning)
+            assert not fkl_projection(cls, holed, warn=False).attained
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotAttainedWarning)
+        shared = fkl_projection(LogLinearPolicy(tree, uniform_policy(tree), next_token_features(tree)), holed)
+    assert shared.attained and np.exp(shared.leaf_logp[0, 2]) > 0.01
+    # the same hole on a prompt with rho0 = 0 does not matter
+    skew = TokenTree(V=2, H=2, P=2, rho0=[0.0, 1.0])
+    two = np.vstack([holed, full])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotAttainedWarning)
+        assert fkl_projection(TabularPolicy(skew, uniform_policy(skew)), two).attained
+    with pytest.warns(NotAttainedWarning):
+        assert not fkl_projection(TabularPolicy(skew, uniform_policy(skew)), two[::-1]).attained
+
+
+def test_fkl_target_must_be_a_distribution_where_rho0_is_positive():
+    tree = TokenTree(V=2, H=2, P=2, rho0=[0.0, 1.0])
+    cls = TabularPolicy(tree, uniform_policy(tree))
+    q = np.full((2, 4), 0.25)
+    q[1, 0] = 0.3
+    with pytest.raises(ValueError, match=r"target_probs must be a distribution .* row\(s\) \[1\]"):
+        fkl_projection(cls, q)
+    q = np.full((2, 4), 0.25)
+    q[0] = 0.0  # a prompt that is never drawn may carry anything non-negative
+    assert fkl_projection(cls, q).attained
+    with pytest.raises(ValueError, match="target_probs must be non-negative"):
+        fkl_projection(cls, -q)
+    with pytest.raises(ValueError, match="tol"):
+        fkl_projection(cls, np.full((2, 4), 0.25), tol=0.0)
+
+
+def test_gibbs_policy_rejects_a_prompt_without_support():
+    """-inf - (-inf) used to give NaN: a prompt with no completion of positive probability is an error."""
+    with pytest.raises(ValueError, match="log_p_ref has a prompt with no completion of positive probability"):
+        gibbs_policy(np.array([[-np.inf, -np.inf]]), np.zeros((1, 2)), 1.0)
+    with pytest.raises(ValueError, match="log_p_ref"):
+        gibbs_policy(np.array([[np.log(0.5), np.log(0.5)], [-np.inf, -np.inf]]), np.zeros((2, 2)), 1.0)
+    # partial support is fine and stays NaN-free
+    lp, log_Z = gibbs_policy(np.array([[0.0, -np.inf]]), np.array([[1.0, 2.0]]), 0.5)
+    assert lp[0, 0] == 0.0 and np.isneginf(lp[0, 1]) and log_Z[0] == 2.0
 
 
 # ============================================================ -inf end to end, bad input

@@ -133,3 +133,35 @@ def test_pairs_outside_the_pair_support_never_appear():
     data = sample_preferences(tree, rng.standard_normal(9), 5000, rng, log_pi_pair=pair)
     support = np.isfinite(leaf_logprobs(tree, pair))
     assert data.coverage(tree)[~support].sum() == 0
+
+
+def test_self_comparisons_are_rejected_by_check_tree():
+    """A PreferenceData built directly may hold chosen == rejected; check_tree (run by every fit) refuses it."""
+    from toyrlhf.preferences import PreferenceData
+    from toyrlhf.projections import reward_mle
+
+    tree = TokenTree(V=3, H=1)
+    data = PreferenceData(np.array([0, 0]), np.array([0, 2]), np.array([1, 2]), np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match=r"data.chosen and data.rejected must differ .*\[1\]"):
+        data.check_tree(tree)
+    with pytest.raises(ValueError, match="chosen and data.rejected"):
+        reward_mle(data, TabularReward(tree))
+    PreferenceData(np.array([0]), np.array([0]), np.array([1]), np.array([1.0])).check_tree(tree)
+
+
+def test_deterministic_labels_prefer_the_higher_reward():
+    """deterministic=True: r[chosen] > r[rejected] for every triple with distinct rewards; ties go either way."""
+    tree = TokenTree(V=3, H=2, P=2)
+    rng = np.random.default_rng(3)
+    gold = np.round(rng.standard_normal((2, 9)))  # rounded: many ties between distinct completions
+    data = sample_preferences(tree, gold, 4000, rng, log_pi_pair=uniform_policy(tree), deterministic=True)
+    rc, rr = gold[data.prompt, data.chosen], gold[data.prompt, data.rejected]
+    assert np.all(rc >= rr)
+    tie = rc == rr
+    assert np.all(rc[~tie] > rr[~tie]) and (~tie).sum() > 0
+    # ties are broken by a fair coin: both orders of a tied pair appear
+    keys = {(p, c, r) for p, c, r in zip(data.prompt[tie], data.chosen[tie], data.rejected[tie])}
+    assert tie.any() and any((p, r, c) in keys for p, c, r in keys)
+    # and the stochastic labels do put the lower reward first sometimes (the check above could fail)
+    noisy = sample_preferences(tree, gold, 4000, rng, log_pi_pair=uniform_policy(tree))
+    assert np.any(gold[noisy.prompt, noisy.chosen] < gold[noisy.prompt, noisy.rejected])

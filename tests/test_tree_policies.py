@@ -257,3 +257,187 @@ def test_policy_bad_input():
         cls.conditionals(np.zeros(3))
     with pytest.raises(ValueError, match="theta"):
         cls.conditionals(np.full(cls.n_params, np.nan))
+
+
+# ---------------------------------------------------------------------------- normalisation
+def _two_token_ref(p0, p1, dtype=np.float64):
+    with np.errstate(divide="ignore"):
+        return (np.log(np.array([[[p0, p1]]], dtype=dtype)),)
+
+
+def test_unnormalised_conditionals_are_rejected_by_name():
+    """A reference of (0.3, 0.3) used to give sequence_kl = 0.51 silently; now it names the argument."""
+    tree = TokenTree(V=2, H=1)
+    bad = _two_token_ref(0.3, 0.3)
+    from toyrlhf.projections import kl_regularized_objective, soft_optimal_policy
+
+    with pytest.raises(ValueError, match=r"log_pi_ref\[0\] must hold normalised conditionals"):
+        sequence_kl(tree, uniform_policy(tree), bad)
+    with pytest.raises(ValueError, match=r"log_pi\[0\] must hold normalised"):
+        sequence_kl(tree, bad, uniform_policy(tree))
+    with pytest.raises(ValueError, match=r"log_pi\[0\] must hold normalised"):
+        sequence_entropy(tree, bad)
+    with pytest.raises(ValueError, match=r"log_pi_ref\[0\] must hold normalised"):
+        soft_optimal_policy(tree, bad, np.zeros((1, 2)), 1.0)
+    with pytest.raises(ValueError, match=r"log_pi_ref\[0\] must hold normalised"):
+        kl_regularized_objective(tree, uniform_policy(tree), bad, np.zeros((1, 2)), 1.0)
+    # a node whose tokens all have probability zero, NaN and +inf are named too
+    with pytest.raises(ValueError, match=r"log_pi\[0\] must hold normalised"):
+        sequence_entropy(tree, _two_token_ref(0.0, 0.0))
+    with pytest.raises(ValueError, match=r"log_pi\[0\].*NaN"):
+        sequence_entropy(tree, (np.array([[[np.nan, 0.0]]]),))
+    with pytest.raises(ValueError, match=r"log_pi\[0\].*\+inf"):
+        sequence_entropy(tree, (np.array([[[np.inf, 0.0]]]),))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_normalisation_tolerance_is_the_documented_one(dtype):
+    """Rows off by half the tolerance pass, rows off by twice the tolerance fail (both dtypes)."""
+    from toyrlhf.tree import normalisation_tol
+
+    tree = TokenTree(V=2, H=1)
+    tol = normalisation_tol(np, dtype, 2)
+    eps32 = float(np.finfo(np.float32).eps)
+    assert tol == (max(1e-9, eps32 * np.log(2)) if dtype == np.float64 else max(1e-4, 8 * eps32))
+    tree.check_levels("log_pi", _two_token_ref(0.25, 0.75 + 0.5 * tol, dtype))
+    with pytest.raises(ValueError, match="normalised"):
+        tree.check_levels("log_pi", _two_token_ref(0.25, 0.75 + 2 * tol, dtype))
+    with pytest.raises(ValueError, match="normalised"):
+        tree.check_levels("log_pi", _two_token_ref(0.25, 0.75 - 2 * tol, dtype))
+
+
+def test_float32_rounded_policies_pass_the_float64_check():
+    """The float64 tolerance admits float32 log-probs promoted to float64 (row sums move by <= eps32 log(V) / 2)."""
+    from toyrlhf.tree import normalisation_tol
+
+    for V in (2, 5, 40):
+        tree = TokenTree(V=V, H=2, P=3)
+        log_pi = random_policy(tree, np.random.default_rng(V), temperature=3.0, zero_fraction=0.2)
+        rounded = tuple(lp.astype(np.float32).astype(np.float64) for lp in log_pi)
+        worst = max(np.abs(np.exp(lp).sum(-1) - 1).max() for lp in rounded)
+        bound = float(np.finfo(np.float32).eps) * np.log(V) / 2 + 16 * V * np.finfo(float).eps
+        assert worst <= bound <= normalisation_tol(np, np.float64, V)
+        tree.check_levels("log_pi", rounded)
+
+
+def test_policy_class_base_may_be_logits():
+    """pi_theta ∝ pi_base e^theta does not depend on a per-node constant: logits are normalised at construction."""
+    tree = TokenTree(V=3, H=2)
+    logits = tuple(np.random.default_rng(0).standard_normal((1, 3**h, 3)) + 5.0 for h in range(2))
+    cls = TabularPolicy(tree, logits)
+    want = tuple(lp - np.log(np.exp(lp).sum(-1, keepdims=True)) for lp in logits)
+    for got, w in zip(cls.log_pi_base, want):
+        np.testing.assert_allclose(got, w, rtol=0, atol=8 * np.finfo(float).eps * 8)
+    theta = np.random.default_rng(1).standard_normal(cls.n_params)
+    a = cls.conditionals(theta)
+    b = TabularPolicy(tree, want).conditionals(theta)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=0, atol=64 * np.finfo(float).eps)
+    with pytest.raises(ValueError, match=r"log_pi_base\[0\] has a node whose tokens all have probability zero"):
+        TabularPolicy(tree, (np.full((1, 1, 3), -np.inf), logits[1]))
+
+
+# ---------------------------------------------------------------------------- sampling edge cases
+class _FixedUniforms(np.random.Generator):
+    """A Generator whose ``random`` returns a fixed value: adversarial uniforms for the samplers."""
+
+    def __init__(self, u):
+        super().__init__(np.random.PCG64(0))
+        self.u = u
+
+    def random(self, size=None, dtype=np.float64, out=None):
+        return np.full(size, self.u)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_categorical_never_returns_a_zero_probability_token(dtype):
+    """u = 1 - 1e-9 rounds to 1.0 in float32; the old index clipping returned token 2 of probs [.5, .5, 0]."""
+    from toyrlhf.policies import _categorical, _inverse_cdf
+
+    probs = np.array([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.2, 0.0, 0.8], [1e-30, 0.0, 0.0]], dtype=dtype)
+    for u in (0.0, 0.5, 1 - 1e-9, 1 - 2**-53, np.nextafter(1.0, 0.0)):
+        idx = _categorical(_FixedUniforms(u), probs)
+        assert np.all(probs[np.arange(4), idx] > 0), (u, idx)
+    # the inverse CDF itself, with uniforms exactly 1.0 in the probs' dtype (the worst rounding)
+    idx = _inverse_cdf(np, probs, np.ones(4, dtype=dtype))
+    np.testing.assert_array_equal(idx, [1, 1, 2, 0])  # the last token of positive probability
+    # and the trees: ancestral sampling from a float32 policy with trailing zero tokens
+    tree = TokenTree(V=3, H=2)
+    with np.errstate(divide="ignore"):
+        log_pi = tuple(np.log(np.broadcast_to(np.array([0.5, 0.5, 0.0]), (1, 3**h, 3))).astype(dtype) for h in range(2))
+    for u in (1 - 1e-9, 0.0):
+        _, tok = sample_completions(tree, log_pi, 5, _FixedUniforms(u))
+        assert np.all(tok < 2)
+
+
+def test_sample_leaves_adversarial_uniforms_stay_in_the_row_and_the_support():
+    """prompt + u rounds to prompt + 1 for u within an ulp of 1: the draw must stay in that prompt's row."""
+    tree = TokenTree(V=2, H=2, P=9)
+    p = np.zeros((9, 4))
+    p[:, 1] = 0.5
+    p[:, 2] = 0.5  # leaves 0 and 3 have probability zero (leading and trailing zeros)
+    with np.errstate(divide="ignore"):
+        lp = np.log(p)
+    prompts = np.arange(9)
+    for u in (0.0, 0.5, 1 - 1e-12, np.nextafter(1.0, 0.0)):
+        pr, leaves = sample_leaves(tree, lp, 9, _FixedUniforms(u), prompts=prompts)
+        np.testing.assert_array_equal(pr, prompts)
+        assert np.all((leaves == 1) | (leaves == 2)), (u, leaves)
+    assert 8 + np.nextafter(1.0, 0.0) == 9.0  # the rounding that used to move the draw to the next row
+
+
+def test_sample_leaves_bad_input_names_the_argument():
+    tree = TokenTree(V=2, H=2, P=3)
+    lp = leaf_logprobs(tree, uniform_policy(tree))
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="prompts must lie in"):
+        sample_leaves(tree, lp, 3, rng, prompts=[0, 5, -1])
+    with pytest.raises(ValueError, match="prompts must have shape"):
+        sample_leaves(tree, lp, 3, rng, prompts=[0, 1])
+    with pytest.raises(TypeError, match="prompts must be integer"):
+        sample_leaves(tree, lp, 2, rng, prompts=[0.0, 1.0])
+    with pytest.raises(ValueError, match="n must"):
+        sample_leaves(tree, lp, -1, rng)
+    with pytest.raises(TypeError, match="n must"):
+        sample_leaves(tree, lp, 2.5, rng)
+    with pytest.raises(ValueError, match="leaf_logp must have shape"):
+        sample_leaves(tree, lp[:, :3], 2, rng)
+    empty = lp.copy()
+    empty[1] = -np.inf
+    with pytest.raises(ValueError, match=r"leaf_logp has no completion of positive probability .*\[1\]"):
+        sample_leaves(tree, empty, 50, rng)
+    # a prompt with no mass is fine if it is never drawn
+    skewed = TokenTree(V=2, H=2, P=3, rho0=[0.5, 0.0, 0.5])
+    pr, leaves = sample_leaves(skewed, empty, 50, rng)
+    assert not np.any(pr == 1) and np.all((0 <= leaves) & (leaves < 4))
+    with pytest.raises(ValueError, match="leaf_logp has no completion"):
+        sample_leaves(skewed, empty, 2, rng, prompts=[0, 1])
+    with pytest.raises(ValueError, match="prompts must lie in"):
+        sample_completions(tree, uniform_policy(tree), 3, rng, prompts=np.array([0, 5, -1]))
+    with pytest.raises(ValueError, match=r"log_pi\[1\] must hold normalised"):
+        sample_completions(tree, (uniform_policy(tree)[0], np.zeros((3, 2, 2))), 3, rng)
+
+
+def test_soft_optimal_policy_checks_its_reference_inside_the_sweep():
+    """soft_optimal_policy checks normalisation fused into its sweep (blocked on the CPU): same errors."""
+    from toyrlhf._backend import KernelProfile
+    from toyrlhf.projections import _soft_value_iteration, soft_optimal_policy
+
+    tree = TokenTree(V=3, H=3, P=2)
+    ref = random_policy(tree, np.random.default_rng(0), zero_fraction=0.3)
+    r = np.zeros((2, 27))
+    for h in range(3):
+        for value, match in ((np.nan, "NaN"), (np.inf, r"\+inf"), (-np.inf, "normalised"), (np.log(0.9), "normalised")):
+            bad = [x.copy() for x in ref]
+            bad[h][1, -1, :] = value  # the last node of the last prompt: the last block of a split level
+            with pytest.raises(ValueError, match=rf"log_pi_ref\[{h}\].*{match}"):
+                soft_optimal_policy(tree, tuple(bad), r, 1.0)
+            with pytest.raises(ValueError, match=rf"log_pi_ref\[{h}\].*{match}"):
+                _soft_value_iteration(np, tuple(bad), r, 1.0, True, KernelProfile(6, True), check_tol=1e-9)
+    # float32 references are checked at the float32 tolerance even when the reward promotes to float64
+    off = [x.copy() for x in ref]
+    off[0][:, 0, :] = np.log([0.2, 0.3, 0.5 + 1e-5])  # 1e-5 off: within float32's 1e-4, not float64's 1e-7
+    ref32 = tuple(x.astype(np.float32) for x in off)
+    assert soft_optimal_policy(tree, ref32, r, 1.0).log_Z.dtype == np.float64
+    with pytest.raises(ValueError, match=r"log_pi_ref\[0\] must hold normalised"):
+        soft_optimal_policy(tree, tuple(off), r, 1.0)

@@ -200,7 +200,13 @@ def best_of_n_win_rate(tree: TokenTree, leaf_logp_ref, reward, n: int) -> np.nda
 
     .. math:: W_n = \\sum_L P_n(L)\\,\\big[\\pi_{ref}(r < y_L) + \\tfrac12 \\pi_{ref}(L)\\big]
 
-    For distinct rewards with no atoms this tends to ``n / (n + 1)``.
+    The win rate of best-of-``n`` against the reference, studied with its KL by Beirami et al.
+    2024 (arXiv:2401.01879); ``P_n(L)`` is the law of the kept reward level (module docstring).
+    For a continuous reward distribution (no atoms) it is ``n / (n + 1)``: the best of ``n``
+    i.i.d. draws beats an ``(n+1)``-th one unless that one is the largest of all ``n + 1``,
+    which by exchangeability has probability ``1 / (n + 1)``.  With ``N`` equally likely
+    completions of distinct rewards it differs from ``n / (n + 1)`` by at most
+    ``(n + n (n - 1) / N) / (12 N^2)`` (``tests/test_best_of_n.py`` derives the bound).
     """
     n = _check_n(n)
     lv, _, _ = _levels(tree, leaf_logp_ref, reward)
@@ -240,19 +246,28 @@ def sample_best_of_n(
     """Brute force: ``size`` best-of-``n`` draws for one prompt (leaf indices), vectorised.
 
     Draws a ``(size, n)`` block from ``pi_ref(.|prompt)`` by inverse CDF and keeps, per row, the
-    highest reward, breaking ties by an independent uniform key.  A host-side check: the
+    highest reward, breaking ties by an independent uniform key.  The CDF ``c`` is normalised
+    by its last entry, so ``c`` is exactly 1 from the last leaf of positive probability on; a
+    float64 uniform ``u < 1`` then lands on the leaf ``i`` with ``c_{i-1} <= u < c_i``, which has
+    ``c_i > c_{i-1}``: a leaf of probability zero is never drawn.  A host-side check: the
     inputs are converted with :func:`toyrlhf._backend.to_numpy` and the draws are NumPy.
     """
     n = _check_n(n)
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+        raise ValueError(f"size must be a non-negative integer, got {size!r}")
+    if isinstance(prompt, bool) or not isinstance(prompt, (int, np.integer)) or not 0 <= prompt < tree.P:
+        raise ValueError(f"prompt must be an integer prompt index in [0, P={tree.P}), got {prompt!r}")
     lq = tree.check_leaf_array("leaf_logp_ref", to_numpy(leaf_logp_ref), allow_neg_inf=True)[prompt]
     r = tree.check_leaf_array("reward", to_numpy(reward))[prompt]
     with np.errstate(under="ignore"):
-        cdf = np.cumsum(np.exp(lq))
+        cdf = np.cumsum(np.exp(np.asarray(lq, dtype=np.float64)))
+    if not cdf[-1] > 0:
+        raise ValueError(f"leaf_logp_ref has no completion of positive probability for prompt {prompt}")
     cdf /= cdf[-1]
-    draws = np.minimum(np.searchsorted(cdf, rng.random((size, n)), side="right"), lq.size - 1)
+    draws = np.searchsorted(cdf, rng.random((size, n)), side="right")
     rd = r[draws]
-    best = rd == rd.max(axis=1, keepdims=True)
+    best = rd == rd.max(axis=1, keepdims=True, initial=-np.inf)
     key = np.where(best, rng.random((size, n)), -1.0)
-    return draws[np.arange(size), key.argmax(axis=1)]
+    return draws[np.arange(size), key.argmax(axis=1)] if size else np.empty(0, dtype=np.int64)

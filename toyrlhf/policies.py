@@ -18,8 +18,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._backend import array_namespace, as_arrays, as_float, asarray, kernel_profile, to_numpy
-from .tree import TokenTree
+from ._backend import (
+    array_namespace,
+    as_arrays,
+    as_float,
+    asarray,
+    exp_floor,
+    kernel_profile,
+    to_numpy,
+)
+from .tree import TokenTree, _max_row_deviation, normalisation_tol
 
 __all__ = [
     "log_softmax",
@@ -214,20 +222,31 @@ def sequence_kl(tree: TokenTree, log_pi, log_pi_ref):
 
     .. math:: \\mathrm{KL} = \\sum_\\xi P_\\pi(\\xi)\\,[\\log P_\\pi(\\xi) - \\log P_{ref}(\\xi)]
 
-    ``+inf`` when ``pi`` puts mass where ``pi_ref`` has none; terms with ``P_pi = 0`` are 0.
-    Namespace-generic.
+    The relative entropy of Kullback & Leibler (1951, Ann. Math. Statist. 22(1):79–86) between the
+    two sequence laws; by the chain rule for relative entropy (Cover & Thomas 2006, *Elements of
+    Information Theory*, 2nd ed., Sec. 2.5) it equals the expected sum of per-token KLs along
+    the path.  ``+inf`` when ``pi`` puts mass where ``pi_ref`` has none; terms with
+    ``P_pi = 0`` are 0.  Both policies are validated by
+    :meth:`~toyrlhf.tree.TokenTree.check_levels` (normalised nodes).  Namespace-generic.
     """
+    log_pi = tree.check_levels("log_pi", log_pi)
     lp = leaf_logprobs(tree, log_pi)
     xp = array_namespace(lp)
-    lq = leaf_logprobs(tree, tuple(asarray(x, lp) for x in log_pi_ref))
+    lq = leaf_logprobs(tree, tree.check_levels("log_pi_ref", log_pi_ref, like=lp))
     with np.errstate(under="ignore"):
         p = xp.exp(lp)
     return xp.sum(_xlogy_diff(p, lp, lq), axis=1)
 
 
 def sequence_entropy(tree: TokenTree, log_pi):
-    """Exact sequence entropy ``H(P_pi(.|s0)) = -sum P log P`` per prompt, shape ``(P,)``."""
-    lp = leaf_logprobs(tree, log_pi)
+    """Exact sequence entropy ``H(P_pi(.|s0)) = -sum P log P`` per prompt, shape ``(P,)``.
+
+    Shannon's entropy (Shannon 1948, Bell Syst. Tech. J. 27:379–423) of the sequence law; by the
+    chain rule for entropy (Cover & Thomas 2006, Sec. 2.5) the expected sum of per-token
+    entropies.  ``log_pi`` is validated by :meth:`~toyrlhf.tree.TokenTree.check_levels`.
+    Namespace-generic.
+    """
+    lp = leaf_logprobs(tree, tree.check_levels("log_pi", log_pi))
     xp = array_namespace(lp)
     with np.errstate(under="ignore"):
         p = xp.exp(lp)
@@ -239,21 +258,48 @@ def _check_rng(rng):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
 
 
+def _check_n_samples(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be a non-negative integer, got {n!r}")
+    if n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n}")
+    return int(n)
+
+
+def _check_prompts(tree: TokenTree, prompts, n: int) -> np.ndarray:
+    """Given prompts: an integer host array of shape ``(n,)`` with values in ``[0, P)``."""
+    pr = np.asarray(to_numpy(prompts))
+    if pr.shape != (n,):
+        raise ValueError(f"prompts must have shape (n,)=({n},), got {pr.shape}")
+    if n and not np.issubdtype(pr.dtype, np.integer):
+        raise TypeError(f"prompts must be integer prompt indices, got dtype {pr.dtype}")
+    if n and (pr.min() < 0 or pr.max() >= tree.P):
+        raise ValueError(f"prompts must lie in [0, P={tree.P}), got range [{pr.min()}, {pr.max()}]")
+    return pr.astype(np.int64, copy=False)
+
+
 def _inverse_cdf(xp, probs, u):
     """One index per row of ``probs`` by inverse CDF, given uniforms ``u`` of shape ``probs.shape[:-1]``.
 
-    Rows need not be normalised (``u`` is scaled by the row total).  Namespace-generic.
+    Rows need not be normalised but must have a positive total ``T`` (checked by the callers).
+    With ``c = cumsum(probs)`` the index is ``#{a : c_a <= t}`` for the target
+    ``t = min(u T, nextafter(T, 0))``: the largest float below ``T`` bounds ``t`` because ``u T``
+    rounds up to ``T`` when ``u`` is within an ulp of 1 (float32 uniforms round to 1.0 with
+    probability 2**-25).  Then ``c_{i-1} <= t < c_i`` for the returned ``i``, so
+    ``c_i > c_{i-1}``: a token of probability zero (whose ``c`` equals its predecessor's) is
+    never returned, trailing zeros included.  Namespace-generic.
     """
     cdf = xp.cumulative_sum(probs, axis=-1)
-    target = u * cdf[..., -1]
-    idx = xp.sum(xp.astype(cdf <= target[..., None], xp.int64), axis=-1)
-    return xp.minimum(idx, probs.shape[-1] - 1)
+    total = cdf[..., -1]
+    target = xp.minimum(u * total, xp.nextafter(total, xp.zeros_like(total)))
+    return xp.sum(xp.astype(cdf <= target[..., None], xp.int64), axis=-1)
 
 
 def _categorical(rng: np.random.Generator, probs):
-    """Sample one index per row of ``probs`` (rows sum to 1) by inverse CDF.
+    """Sample one index per row of ``probs`` (non-negative, positive row totals) by inverse CDF.
 
-    The uniforms come from the host ``rng`` and are moved next to ``probs``.
+    The uniforms come from the host ``rng`` and are moved next to ``probs`` in its dtype; see
+    :func:`_inverse_cdf` for why a zero-probability index is never returned.
     """
     xp = array_namespace(probs)
     u = asarray(rng.random(probs.shape[:-1]), probs, xp=xp, dtype=probs.dtype)
@@ -270,7 +316,11 @@ def sample_completions(
     """Ancestral sampling of ``n`` completions, vectorised over samples (loop over depth).
 
     Returns ``(prompts, tokens)`` of shapes ``(n,)`` and ``(n, H)`` as host NumPy arrays;
-    prompts are drawn from ``rho0`` unless given.  The leaf index is ``tree.leaf_index(tokens)``.
+    prompts are drawn from ``rho0`` unless given (integers in ``[0, P)``, shape ``(n,)``).  The
+    leaf index is ``tree.leaf_index(tokens)``.  A token of probability zero is never drawn
+    (:func:`_inverse_cdf`).  The rows of ``log_pi`` that are visited must be normalised
+    (within :func:`toyrlhf.tree.normalisation_tol`; ``ValueError`` naming ``log_pi`` else):
+    only those rows are checked, so sampling a few completions from a large tree stays cheap.
 
     Namespace-generic with a host boundary: the random numbers come from the NumPy
     ``Generator`` ``rng`` on the host (one ``rng.random(n)`` per depth, after the prompts), are
@@ -279,24 +329,32 @@ def sample_completions(
     samples are the same on every backend up to the rounding of the CDF (float32 included).
     """
     _check_rng(rng)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    n = _check_n_samples(n)
+    if not isinstance(log_pi, (tuple, list)) or len(log_pi) != tree.H:
+        raise TypeError(f"log_pi must be a tuple of H={tree.H} per-level arrays (P, V**h, V)")
     if prompts is None:
         prompts = _categorical(rng, np.broadcast_to(tree.rho0, (n, tree.P)))
     else:
-        prompts = to_numpy(prompts)
-        if prompts.shape != (n,) or not np.issubdtype(prompts.dtype, np.integer):
-            raise ValueError(f"prompts must be an integer array of shape ({n},)")
-        if n and (prompts.min() < 0 or prompts.max() >= tree.P):
-            raise ValueError(f"prompts must lie in [0, P={tree.P})")
+        prompts = _check_prompts(tree, prompts, n)
     xp, levels = as_arrays(*log_pi)
+    for h, lp in enumerate(levels):
+        if lp.shape != (tree.P, tree.V**h, tree.V):
+            raise ValueError(f"log_pi[{h}] must have shape {(tree.P, tree.V**h, tree.V)}, got {lp.shape}")
     pr = asarray(np.asarray(prompts, dtype=np.int64), levels[0], xp=xp)
     node = xp.zeros_like(pr)
     tokens = []
     for h in range(tree.H):
-        rows = xp.take(xp.reshape(levels[h], (-1, tree.V)), pr * tree.V**h + node, axis=0)
-        with np.errstate(under="ignore"):
+        rows = xp.take(xp.reshape(as_float(levels[h], xp), (-1, tree.V)), pr * tree.V**h + node, axis=0)
+        with np.errstate(under="ignore", invalid="ignore", over="ignore"):
             probs = xp.exp(rows)
+        if n:
+            tol = normalisation_tol(xp, probs.dtype, tree.V)
+            dev = xp.abs(xp.sum(probs, axis=-1) - 1.0)
+            if not bool(xp.all(dev <= tol)):  # NaN fails too
+                raise ValueError(
+                    f"log_pi[{h}] must hold normalised conditionals (no NaN): a visited node's "
+                    f"probabilities sum to 1 +- {float(xp.max(dev)):.3g} (tolerance {tol:.1g})"
+                )
         a = _categorical(rng, probs)
         tokens.append(a)
         node = node * tree.V + a
@@ -312,27 +370,53 @@ def sample_leaves(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``n`` (prompt, leaf) pairs from a leaf distribution ``(P, V**H)`` by inverse CDF.
 
-    Vectorised over prompts with one global ``searchsorted`` on the per-prompt CDFs offset by
-    the prompt index.  Namespace-generic with the same host boundary as
-    :func:`sample_completions`: uniforms from the host ``rng``, samples returned on the host.
+    ``leaf_logp`` holds log-probabilities (``-inf`` allowed) of shape ``(P, V**H)`` or
+    ``(V**H,)``; each row is sampled in proportion to ``exp(leaf_logp)`` and must have positive
+    mass wherever a prompt is drawn from it (prompts with ``rho0 > 0``, or the given
+    ``prompts``: integers in ``[0, P)`` of shape ``(n,)``).  Bad input raises ``ValueError`` or
+    ``TypeError`` naming ``n``, ``prompts`` or ``leaf_logp``.
+
+    Vectorised over prompts with one global ``searchsorted`` (side ``right``) on the per-prompt
+    CDFs ``c`` (normalised, in float64, the last entry set to exactly 1) offset by the prompt
+    index: ``flat[p N + i] = p + c[p, i]``.  A prompt ``p`` with uniform ``u`` targets
+    ``t = min(p + u, nextafter(p + 1, 0))`` (``p + u`` rounds to ``p + 1`` when ``u`` is within
+    half an ulp of ``p + 1`` of 1).  Since ``flat[pN - 1] = p <= t < p + 1 = flat[(p+1)N - 1]``,
+    the returned position lies in row ``p``; and since ``flat[i-1] <= t < flat[i]``, the leaf has
+    ``c_i > c_{i-1}``, i.e. positive probability.  Namespace-generic with the same host
+    boundary as :func:`sample_completions`: uniforms from the host ``rng``, samples returned
+    on the host.
     """
     _check_rng(rng)
+    n = _check_n_samples(n)
+    lp = tree.check_leaf_array("leaf_logp", leaf_logp, allow_neg_inf=True)
     if prompts is None:
         prompts = _categorical(rng, np.broadcast_to(tree.rho0, (n, tree.P)))
-    prompts = to_numpy(prompts)
-    xp = array_namespace(leaf_logp)
-    lp = xp.astype(as_float(leaf_logp, xp), xp.float64, copy=False)  # the CDF is searched in float64
+        drawn = tree.rho0 > 0
+    else:
+        prompts = _check_prompts(tree, prompts, n)
+        drawn = np.bincount(prompts, minlength=tree.P) > 0
+    prompts = np.asarray(to_numpy(prompts), dtype=np.int64)
+    xp = array_namespace(lp)
+    lp = xp.astype(lp, xp.float64, copy=False)  # the CDF is searched in float64
     with np.errstate(under="ignore"):
         p = xp.exp(lp)
     cdf = xp.cumulative_sum(p, axis=1)
-    cdf = cdf / cdf[:, -1:]
+    total = to_numpy(cdf[:, -1])
+    empty_rows = np.flatnonzero(drawn & ~(total > 0))
+    if empty_rows.size:
+        raise ValueError(
+            f"leaf_logp has no completion of positive probability (all -inf) for prompt(s) "
+            f"{empty_rows[:5].tolist()}, from which samples are drawn"
+        )
+    safe = asarray(np.where(total > 0, total, 1.0), cdf, xp=xp, dtype=cdf.dtype)
+    cdf = cdf / safe[:, None]
     cdf = xp.concat([cdf[:, :-1], xp.ones_like(cdf[:, -1:])], axis=1)
     offsets = asarray(np.arange(tree.P, dtype=np.float64), cdf, xp=xp, dtype=cdf.dtype)
     flat = xp.reshape(cdf + offsets[:, None], (-1,))
     u = rng.random(n)
-    target = asarray(prompts + u, cdf, xp=xp, dtype=cdf.dtype)
-    pos = to_numpy(xp.searchsorted(flat, target, side="right"))
-    leaves = np.minimum(pos - prompts * tree.n_leaves, tree.n_leaves - 1)
+    target = np.minimum(prompts + u, np.nextafter(prompts + 1.0, 0.0))
+    pos = to_numpy(xp.searchsorted(flat, asarray(target, cdf, xp=xp, dtype=cdf.dtype), side="right"))
+    leaves = np.asarray(pos, dtype=np.int64) - prompts * tree.n_leaves
     return prompts, leaves
 
 
@@ -344,6 +428,42 @@ def _check_theta(theta, n_params: int) -> np.ndarray:
     if not np.all(np.isfinite(t)):
         raise ValueError("theta must be finite")
     return t
+
+
+def _base_levels(tree: TokenTree, name: str, base) -> tuple:
+    """Validate a policy class's base and normalise its nodes (a base is defined up to ``∝``).
+
+    ``base`` is a tuple of ``H`` host arrays ``(P, V**h, V)`` of log-probabilities or logits
+    (``-inf`` allowed, at least one finite entry per node, no NaN or ``+inf``).  A class
+    ``pi_theta(a|s) ∝ pi_base(a|s) e^{theta_{s,a}}`` only depends on the base up to a constant per
+    node, so a level that is not normalised (beyond :func:`toyrlhf.tree.normalisation_tol`) is
+    replaced by its :func:`log_softmax`, and the stored ``log_pi_base`` is always normalised:
+    ``theta = 0`` gives that normalised base.  Levels that are normalised are kept as given.
+    Errors name ``name`` and the level.
+    """
+    if not isinstance(base, (tuple, list)) or len(base) != tree.H:
+        raise TypeError(f"{name} must be a tuple of H={tree.H} per-level arrays (P, V**h, V)")
+    levels = [np.asarray(to_numpy(b)) for b in base]
+    if any(b.dtype.kind not in "fiub" for b in levels):
+        raise TypeError(f"{name} must hold real numbers")
+    levels = [np.asarray(b, dtype=np.float64) for b in levels]
+    tol = normalisation_tol(np, np.float64, tree.V)
+    prof = kernel_profile(np)
+    out = []
+    for h, b in enumerate(levels):
+        want = (tree.P, tree.V**h, tree.V)
+        if b.shape != want:
+            raise ValueError(f"{name}[{h}] must have shape {want}, got {b.shape}")
+        if np.isnan(b).any():
+            raise ValueError(f"{name}[{h}] contains NaN")
+        if np.isposinf(b).any():
+            raise ValueError(f"{name}[{h}] contains +inf")
+        if np.all(np.isneginf(b), axis=-1).any():
+            raise ValueError(f"{name}[{h}] has a node whose tokens all have probability zero")
+        if not abs(_max_row_deviation(np, b, exp_floor(np, np.float64), prof)) <= tol:
+            b = log_softmax(b)
+        out.append(b)
+    return tree.check_levels(name, out)
 
 
 def _softmax_vjp(log_pi_level: np.ndarray, G: np.ndarray) -> np.ndarray:
@@ -362,7 +482,9 @@ class TabularPolicy:
     ``theta = 0`` is the base.  Tokens with ``pi_base(a|s) = 0`` stay at zero, so with
     ``base = pi_ref`` this is the class of policies with finite log-ratios to ``pi_ref``
     (isomorphic to tabular rewards); pass a full-support base (e.g. uniform) for the
-    unrestricted class Pi that can put mass where ``pi_ref`` has none.
+    unrestricted class Pi that can put mass where ``pi_ref`` has none.  ``log_pi_base`` may be
+    logits (e.g. zeros for the uniform base): unnormalised nodes are normalised at construction
+    (see :func:`_base_levels`), which does not change the class.
     """
 
     tree: TokenTree
@@ -370,7 +492,7 @@ class TabularPolicy:
     _offsets: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
-        base = self.tree.check_levels("log_pi_base", self.log_pi_base)
+        base = _base_levels(self.tree, "log_pi_base", self.log_pi_base)
         object.__setattr__(self, "log_pi_base", base)
         sizes = [b.size for b in base]
         object.__setattr__(self, "_offsets", tuple(np.concatenate([[0], np.cumsum(sizes)]).tolist()))
@@ -431,7 +553,8 @@ class LogLinearPolicy:
     ``features`` is a tuple of ``H`` arrays of shape ``(P or 1, V**h, V, d)`` (see the
     ``*_features`` builders).  ``theta = 0`` is the base policy.  Shared features couple the
     conditionals of different nodes: the source of likelihood displacement (Razin et al.
-    2024, arXiv:2410.08847).
+    2024, arXiv:2410.08847).  ``log_pi_base`` may be logits: unnormalised nodes are normalised
+    at construction (see :func:`_base_levels`), which does not change the class.
     """
 
     tree: TokenTree
@@ -439,7 +562,7 @@ class LogLinearPolicy:
     features: tuple
 
     def __post_init__(self):
-        base = self.tree.check_levels("log_pi_base", self.log_pi_base)
+        base = _base_levels(self.tree, "log_pi_base", self.log_pi_base)
         object.__setattr__(self, "log_pi_base", base)
         feats = tuple(np.asarray(f, dtype=float) for f in self.features)
         if len(feats) != self.tree.H:

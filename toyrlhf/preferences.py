@@ -98,6 +98,12 @@ class PreferenceData:
                 raise ValueError(f"data.{name} must be leaf indices in [0, {tree.n_leaves})")
             if not tree.valid_leaves()[a].all():
                 raise ValueError(f"data.{name} contains leaves that are not valid EOS completions")
+        same = np.flatnonzero(self.chosen == self.rejected)
+        if same.size:
+            raise ValueError(
+                f"data.chosen and data.rejected must differ in every triple (a completion compared with "
+                f"itself carries no preference); they are equal at index(es) {same[:5].tolist()}"
+            )
 
     def flat_indices(self, tree: TokenTree) -> tuple[np.ndarray, np.ndarray]:
         """Indices into a raveled ``(P, N)`` leaf array for chosen and rejected."""

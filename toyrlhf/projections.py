@@ -40,10 +40,17 @@ from ._backend import (
     kernel_profile,
     to_numpy,
 )
-from .policies import TabularPolicy, _max_last, _sum_last, leaf_logprobs
+from .policies import (
+    LogLinearPolicy,
+    TabularPolicy,
+    _max_last,
+    _sum_last,
+    aggregate_to_edges,
+    leaf_logprobs,
+)
 from .preferences import PreferenceData
 from .rewards import TabularReward
-from .tree import TokenTree
+from .tree import TokenTree, _raise_unnormalised, _row_sum_deviation, _worse, normalisation_tol
 
 __all__ = [
     "NotAttainedWarning",
@@ -162,7 +169,8 @@ def _level_blocks(P: int, n: int, C: int | None) -> list[tuple[int, int, int, in
     return [(p0, min(P, p0 + C // n), 0, n) for p0 in range(0, P, C // n)]
 
 
-def _soft_value_iteration(xp, log_pi_ref, r, beta: float, return_policy: bool, profile: KernelProfile):
+def _soft_value_iteration(xp, log_pi_ref, r, beta: float, return_policy: bool, profile: KernelProfile,
+                          check_tol: float | None = None):
     """The soft value iteration sweep of :func:`soft_optimal_policy` on validated arrays.
 
     Namespace-generic: array-API operations only (slicing, reshape, in-place ``+=``/``-=`` on
@@ -179,6 +187,11 @@ def _soft_value_iteration(xp, log_pi_ref, r, beta: float, return_policy: bool, p
     which each level overwrites in place: block ``[i0, i1)`` reads its children from
     ``[V*i0, V*i1)`` (into ``z``) before writing its values to ``[i0, i1)``, and later blocks
     read from ``V*i1 >= i1`` onwards.  Each level is read once and written once.
+
+    With ``check_tol`` the sweep also checks that every node of ``log_pi_ref`` is normalised
+    within ``check_tol`` (:meth:`toyrlhf.tree.TokenTree.check_levels`' check, on each block
+    while it is in cache: ``exp(max(ref, floor))`` summed over the tokens), and raises its
+    ``ValueError`` naming ``log_pi_ref[h]``.
     """
     P = r.shape[0]
     H = len(log_pi_ref)
@@ -201,14 +214,20 @@ def _soft_value_iteration(xp, log_pi_ref, r, beta: float, return_policy: bool, p
                     value = empty(xp, (P, V ** (H - 1)), dt, r)
                 if return_policy:
                     out[h] = empty(xp, (P, n, V), dt, r)
+            dev = 0.0
             for p0, p1, i0, i1 in blocks:
                 shape = (p1 - p0, i1 - i0, V)
                 child = xp.reshape(below[p0:p1, V * i0 : V * i1], shape)
+                ref_blk = ref_h[p0:p1, i0:i1, :]
+                if check_tol is not None:
+                    dev = _worse(dev, *_row_sum_deviation(xp, ref_blk, floor, columns))
+                    if not abs(dev) <= check_tol:
+                        _raise_unnormalised(xp, "log_pi_ref", h, ref_h, dev, check_tol)
                 if h == H - 1:
                     z = child / beta
-                    z += ref_h[p0:p1, i0:i1, :]
+                    z += ref_blk
                 else:
-                    z = child + ref_h[p0:p1, i0:i1, :]
+                    z = child + ref_blk
                 v = _lse_rows(xp, z, floor, columns)
                 if return_policy:
                     z -= v[..., None]
@@ -239,7 +258,9 @@ def soft_optimal_policy(tree: TokenTree, log_pi_ref, reward, beta: float, return
     (Ziebart 2010; Rafailov et al. 2023, arXiv:2305.18290, eq. 4).  Cost ``O(leaves)`` with
     a Python loop over depth only (and, on the CPU, over cache-sized blocks of 64K edges; see
     :func:`_soft_value_iteration`).  ``-inf`` reference log-probs stay ``-inf``; no NaN is
-    produced for valid inputs (every node has a token with ``pi_ref > 0``).
+    produced for valid inputs.  ``log_pi_ref`` is validated by
+    :meth:`~toyrlhf.tree.TokenTree.check_levels` (every node normalised, which also means it has
+    a token with ``pi_ref > 0``).
 
     Namespace-generic: NumPy, CuPy or any array-API arrays (host data mixed with device arrays
     is moved to their device); float32 inputs compute and return float32 (absolute error of
@@ -264,14 +285,25 @@ def soft_optimal_policy(tree: TokenTree, log_pi_ref, reward, beta: float, return
     beta = _check_beta(beta)
     like = log_pi_ref[0] if isinstance(log_pi_ref, (tuple, list)) and log_pi_ref else None
     r = tree.check_leaf_array("reward", reward, like=like)
-    log_pi_ref = tree.check_levels("log_pi_ref", log_pi_ref, like=r)
+    # shapes and dtypes here; the normalisation of log_pi_ref is checked inside the sweep
+    log_pi_ref = tree.check_levels("log_pi_ref", log_pi_ref, like=r, check_normalised=False)
+    xp = array_namespace(r, *log_pi_ref)
+    check_tol = normalisation_tol(xp, log_pi_ref[0].dtype, tree.V)
+    return _soft_optimal_checked(tree, log_pi_ref, r, beta, return_policy, check_tol)
+
+
+def _soft_optimal_checked(tree: TokenTree, log_pi_ref, r, beta: float, return_policy: bool = True,
+                          check_tol: float | None = None) -> SoftOptimal:
+    """:func:`soft_optimal_policy` on a validated ``log_pi_ref`` (``tree.check_levels``) and
+    reward (``tree.check_leaf_array``): for callers that validated them once, outside a loop.
+    ``check_tol`` (see :func:`_soft_value_iteration`) checks normalisation during the sweep."""
     xp = array_namespace(r, *log_pi_ref)
     dt = float_dtype(xp, r, log_pi_ref[0])
     if r.dtype != dt:
         r = xp.astype(r, dt)
     if log_pi_ref[0].dtype != dt:
         log_pi_ref = tuple(xp.astype(lp, dt) for lp in log_pi_ref)
-    log_pi, log_Z = _soft_value_iteration(xp, log_pi_ref, r, beta, return_policy, kernel_profile(xp))
+    log_pi, log_Z = _soft_value_iteration(xp, log_pi_ref, r, beta, return_policy, kernel_profile(xp), check_tol)
     return SoftOptimal(log_pi, log_Z)
 
 
@@ -297,7 +329,8 @@ def gibbs_policy(log_p_ref, reward, beta: float):
 
     .. math:: \\log P^*(\\xi|s_0) = \\log P_{ref}(\\xi|s_0) + r(\\xi)/\\beta - \\log Z(s_0)
 
-    Namespace-generic (float32 stays float32).
+    Namespace-generic (float32 stays float32).  Every row of ``log_p_ref`` needs a completion
+    of positive probability (else ``Z = 0`` and ``P*`` is undefined: ``ValueError``).
 
     Parameters
     ----------
@@ -323,6 +356,13 @@ def gibbs_policy(log_p_ref, reward, beta: float):
         raise ValueError("log_p_ref must be log-probabilities (no NaN or +inf)")
     if not bool(xp.all(xp.isfinite(r))):
         raise ValueError("reward must be finite")
+    if lp.ndim == 0 or lp.shape[-1] == 0:
+        raise ValueError(f"log_p_ref must have a non-empty last (completion) axis, got shape {lp.shape}")
+    if bool(xp.any(xp.all(lp == -xp.inf, axis=-1))):
+        raise ValueError(
+            "log_p_ref has a prompt with no completion of positive probability (a row of -inf): "
+            "Z = 0 and the Gibbs distribution P_ref exp(r/beta)/Z is undefined there"
+        )
     z = lp + r / beta
     log_Z = _logsumexp(xp, z, axis=-1)
     return z - xp.expand_dims(log_Z, axis=-1), log_Z
@@ -331,14 +371,21 @@ def gibbs_policy(log_p_ref, reward, beta: float):
 def kl_regularized_objective(tree: TokenTree, log_pi, log_pi_ref, reward, beta: float) -> np.ndarray:
     """``J(pi) = E_{P_pi}[r] - beta KL(P_pi || P_ref)`` per prompt, shape ``(P,)``.
 
-    ``-inf`` when ``pi`` puts mass where ``pi_ref`` has none.  Average with ``tree.average``.
-    Namespace-generic.
+    .. math:: J(\\pi) = \\sum_\\xi P_\\pi(\\xi)\\,\\big[r(\\xi) - \\beta(\\log P_\\pi(\\xi) - \\log P_{ref}(\\xi))\\big]
+
+    The KL-regularised RLHF objective (Ziegler et al. 2019, arXiv:1909.08593, Sec. 2: the reward
+    ``r - beta log(pi/rho)``; Ouyang et al. 2022, arXiv:2203.02155, eq. 2 without its
+    pre-training term; Rafailov et al. 2023, arXiv:2305.18290, eq. 3).  Its maximiser is
+    :func:`soft_optimal_policy`, with ``J(pi*) = beta log Z``.  ``-inf`` when ``pi`` puts mass
+    where ``pi_ref`` has none.  Average with ``tree.average``.  Both policies are validated by
+    :meth:`~toyrlhf.tree.TokenTree.check_levels` (normalised nodes).  Namespace-generic.
     """
     beta = _check_beta(beta)
+    log_pi = tree.check_levels("log_pi", log_pi)
     lp = leaf_logprobs(tree, log_pi)
     xp = array_namespace(lp)
     r = tree.check_leaf_array("reward", reward, like=lp)
-    lq = leaf_logprobs(tree, tuple(asarray(x, lp) for x in log_pi_ref))
+    lq = leaf_logprobs(tree, tree.check_levels("log_pi_ref", log_pi_ref, like=lp))
     with np.errstate(under="ignore"):
         p = xp.exp(lp)
     with np.errstate(invalid="ignore"):
@@ -433,6 +480,11 @@ def bt_loss(data: PreferenceData, reward_class, w, l2: float = 0.0) -> tuple[flo
     """Bradley–Terry negative log-likelihood of a reward class and its gradient in ``w``.
 
     .. math:: L(w) = -\\sum_m w_m \\log\\sigma(r_w(\\xi^+_m) - r_w(\\xi^-_m)) + \\tfrac{\\lambda}{2}\\|w\\|^2
+
+    The Bradley–Terry model ``P(xi+ > xi-) = sigma(r(xi+) - r(xi-))`` (Bradley & Terry 1952,
+    Biometrika 39(3/4):324–345; for reward learning from comparisons Christiano et al. 2017,
+    arXiv:1706.03741, eq. 1) and its negative log-likelihood, the reward-model loss of
+    Ouyang et al. 2022 (arXiv:2203.02155, eq. 1), with weights ``w_m`` for the triples.
     """
     tree = reward_class.tree
     w = np.asarray(w, dtype=float)
@@ -647,10 +699,164 @@ def dpo_tabular(data: PreferenceData, tree: TokenTree, log_pi_ref, beta: float, 
 
 
 # ====================================================================== KL projections
-def _fit(fun, theta0, tol, maxiter):
+#: The attainment probe (as in :mod:`toyrlhf.offline`): continue the fit at ``tol * _PROBE_FACTOR``
+#: and call the optimum not attained if some leaf log-probability moves by more than _DRIFT_TOL nats.
+_PROBE_FACTOR = 1e-3
+_DRIFT_TOL = 0.1
+
+
+def _fit(fun, theta0, tol, maxiter, ftol=1e-15):
     """L-BFGS-B on the host (``fun`` returns a float and a NumPy gradient)."""
-    res = optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B", options={"gtol": tol, "ftol": 1e-15, "maxiter": maxiter, "maxcor": 30})
+    res = optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B", options={"gtol": tol, "ftol": ftol, "maxiter": maxiter, "maxcor": 30})
     return res
+
+
+def _check_fit_args(policy_class, theta0, tol, maxiter):
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating, np.integer)) or not (np.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if isinstance(maxiter, bool) or not isinstance(maxiter, (int, np.integer)) or maxiter < 1:
+        raise ValueError(f"maxiter must be a positive integer, got {maxiter!r}")
+    return policy_class.init() if theta0 is None else theta0
+
+
+def _probed_fit(fun, policy_class, theta0, tol, maxiter):
+    """Minimise ``fun`` to ``tol``, then run the attainment probe.
+
+    The probe continues L-BFGS from the first stop at ``tol * 1e-3`` (``ftol = 0``) and measures
+    how far the leaf log-probabilities move: an attained optimum is a point, so they settle (by
+    about ``tol`` over the curvature); an optimum at infinity keeps them moving (a vanishing
+    probability ``~ tol`` drops to ``~ tol * 1e-3``, 7 nats).  The same probe and threshold
+    (0.1 nats) as :func:`toyrlhf.offline.fit_preference_loss`, with one difference: the drift
+    is measured on the leaves whose joint probability ``rho0 P(xi)`` is at least the probe's
+    gradient tolerance ``tol * 1e-3`` at one of the two points.  A leaf below it moves the
+    gradient by less than the probe resolves (both objectives weigh a leaf's gradient by its
+    probability), so its log-probability is not determined by the fit: a leaf at ``e^-150``
+    of an attained reverse-KL optimum can drift by 15 nats along a direction that changes the
+    loss by ``1e-9``.  A probability vanishing at infinity stays visible: the first stop
+    leaves it at about ``tol``.  Returns ``(theta, n_iter, success, drift)``, ``theta`` being the
+    probe's (better) point.
+    """
+    tree = policy_class.tree
+    res = _fit(fun, theta0, tol, maxiter)
+    lp1 = to_numpy(policy_class.leaf_logprobs(res.x))
+    res2 = _fit(fun, res.x, tol * _PROBE_FACTOR, maxiter, ftol=0.0)
+    lp2 = to_numpy(policy_class.leaf_logprobs(res2.x))
+    with np.errstate(under="ignore"):
+        seen = tree.rho0[:, None] * np.maximum(np.exp(lp1), np.exp(lp2)) >= tol * _PROBE_FACTOR
+    both = np.isfinite(lp1) & np.isfinite(lp2) & seen
+    drift = float(np.max(np.abs(np.where(both, lp2 - lp1, 0.0)), initial=0.0))
+    return res2.x, int(res.nit) + int(res2.nit), bool(res.success or res2.success), drift
+
+
+def _tabular_cross_entropy_attained(policy_class, w) -> bool:
+    """Exact attainment of ``min -sum w log P_theta`` over a :class:`TabularPolicy` (``w >= 0``).
+
+    In the tabular class the conditionals of different nodes are free, so the minimiser puts
+    ``pi(a|s) = W(s.a) / W(s)`` at every node of positive weight ``W(s) = sum_{xi below s} w``
+    (Gibbs' inequality, node by node).  It is attained by finite logits iff that ratio is
+    positive wherever the base is: no edge with ``W(s) > 0``, ``pi_base(a|s) > 0`` and
+    ``W(s.a) = 0`` (absorbed EOS nodes are not choices).  Edges with ``W(s.a) > 0`` and
+    ``pi_base(a|s) = 0`` make the loss infinite and are rejected by
+    :func:`cross_entropy_objective`.
+    """
+    tree = policy_class.tree
+    G = aggregate_to_edges(tree, np.asarray(w, dtype=float))
+    for h in range(tree.H):
+        child = np.asarray(G[h])
+        node = child.sum(axis=-1, keepdims=True)
+        gap = (node > 0) & np.isfinite(policy_class.log_pi_base[h]) & (child == 0)
+        gap[:, tree.absorbed(h), :] = False
+        if gap.any():
+            return False
+    return True
+
+
+def _loglinear_cross_entropy_attained(policy_class, w) -> bool:
+    """Exact attainment of ``min -sum w log P_theta`` over a :class:`~toyrlhf.policies.LogLinearPolicy`.
+
+    The cross-entropy is a sum over nodes ``s`` of multinomial-logit likelihoods with weights
+    ``W(s.a)`` and shared ``theta`` (scores ``log pi_base(a|s) + theta . psi(s, a)``), a convex
+    function.  Along ``theta + t d`` its slope tends to ``sum_s [W(s) max_{a'} psi(s,a').d -
+    sum_a W(s.a) psi(s,a).d] >= 0`` (``a'`` over the base's support), so it keeps decreasing
+    without bound in ``t`` iff every token with ``W(s.a) > 0`` attains that maximum at every node
+    with ``W(s) > 0``, with some other supported token strictly below it somewhere: a
+    separation direction of the rows ``psi(s, a) - psi(s, a')`` (observed ``a``, supported
+    ``a' != a``), decided by the linear program of :func:`separation_direction` (the
+    multinomial-logit case of Albert & Anderson 1984).  Without one, every direction of
+    recession leaves the loss constant and the minimum is attained (Rockafellar 1970, *Convex
+    Analysis*, Thm. 27.1).  Absorbed EOS nodes are not choices.
+    """
+    tree = policy_class.tree
+    G = aggregate_to_edges(tree, np.asarray(w, dtype=float))
+    d = policy_class.n_params
+    rows = []
+    for h in range(tree.H):
+        child = np.asarray(G[h])
+        visited = child.sum(axis=-1) > 0
+        visited[:, tree.absorbed(h)] = False
+        obs = child > 0
+        supp = np.isfinite(policy_class.log_pi_base[h])
+        f = np.broadcast_to(policy_class.features[h], child.shape + (d,))
+        tree.require_bytes(8 * d * int(visited.sum()) * tree.V**2, "the attainment linear program of fkl_projection")
+        for a in range(tree.V):
+            for b in range(tree.V):
+                if a != b:
+                    m = visited & obs[..., a] & supp[..., b]
+                    if m.any():
+                        rows.append(f[..., a, :][m] - f[..., b, :][m])
+    if not rows:
+        return True
+    D = np.concatenate(rows)
+    D = D[np.any(D != 0, axis=1)]
+    return D.shape[0] == 0 or separation_direction(D) is None
+
+
+def _gibbs_cross_entropy_attained(policy_class, w) -> bool | None:
+    """Exact attainment of ``min -sum w log P_w`` over a :class:`SoftOptimalPolicyClass`.
+
+    ``log P_w(xi) = log P_ref(xi) + r_w(xi)/beta - log Z_w(s0)``: for a reward class linear in
+    ``w`` (one with ``design``: :class:`~toyrlhf.rewards.TabularReward`,
+    :class:`~toyrlhf.rewards.LinearReward`) a weighted exponential-family likelihood per prompt,
+    convex in ``w``.  As for :func:`_loglinear_cross_entropy_attained`, the loss decreases
+    without bound along ``d`` iff, at every prompt of positive weight, every completion with
+    ``w > 0`` attains ``max_{xi' in supp P_ref} phi(xi') . d`` and some supported completion lies
+    strictly below.  With one free level ``c_p`` per prompt this is a separation LP
+    (:func:`separation_direction`) in ``(d, c)`` with ``O(N)`` rows per prompt:
+    ``phi(xi).d - c_p = 0`` for observed ``xi`` (two rows) and ``c_p - phi(xi').d >= 0`` for the
+    other supported ``xi'``.  Returns ``None`` for a reward class without ``design``.
+    """
+    rc = policy_class.reward_class
+    if not callable(getattr(rc, "design", None)):
+        return None
+    tree = policy_class.tree
+    lq = to_numpy(leaf_logprobs(tree, policy_class.log_pi_ref))
+    w = np.asarray(w, dtype=float)
+    live = (w.sum(axis=1) > 0)[:, None]
+    obs = live & (w > 0)
+    other = live & np.isfinite(lq) & ~obs
+    po, xo = np.nonzero(obs)
+    pu, xu = np.nonzero(other)
+    if pu.size == 0:
+        return True  # the observed completions fill the support: nothing can vanish
+    def rows(p, x):
+        return sparse.csr_array(rc.design(p, x))
+    def levels(p):
+        return sparse.csr_array((np.ones(p.size), (np.arange(p.size), p)), shape=(p.size, tree.P))
+    D = sparse.vstack([
+        sparse.hstack([rows(po, xo), -levels(po)]),
+        sparse.hstack([-rows(po, xo), levels(po)]),
+        sparse.hstack([-rows(pu, xu), levels(pu)]),
+    ]).tocsr()
+    return separation_direction(D) is None
+
+
+def _not_attained_warning(what: str, how: str) -> None:
+    warnings.warn(
+        f"{what}: the optimum is not attained by finite parameters (decided {how}); the returned "
+        "policy is where the optimiser stopped on its way to the limit",
+        NotAttainedWarning,
+        stacklevel=3,
+    )
 
 
 def rkl_objective(policy_class, theta, target_leaf_logp) -> tuple[float, np.ndarray]:
@@ -659,9 +865,12 @@ def rkl_objective(policy_class, theta, target_leaf_logp) -> tuple[float, np.ndar
     .. math:: \\nabla_\\theta \\mathrm{KL}(P_\\theta\\|Q) = \\sum_\\xi P_\\theta(\\xi)
               [\\log P_\\theta(\\xi) - \\log Q(\\xi)]\\, \\nabla_\\theta \\log P_\\theta(\\xi)
 
-    (the ``+1`` term vanishes because ``sum_xi nabla P_theta(xi) = 0``).  Raises if the policy
-    puts mass where ``Q`` has none (the KL is infinite).  Host boundary (it feeds
-    ``scipy.optimize``): leaf arrays are converted with :func:`toyrlhf._backend.to_numpy`.
+    (the ``+1`` term vanishes because ``sum_xi nabla P_theta(xi) = 0``): the likelihood-ratio
+    (score-function) gradient of an expectation under ``P_theta`` (Williams 1992, Machine
+    Learning 8:229–256), here summed exactly over the leaves.  Minimising it over ``theta`` is the
+    I-projection (reverse-KL projection) of ``Q`` (Csiszár 1975, Ann. Probab. 3(1):146–158).
+    Raises if the policy puts mass where ``Q`` has none (the KL is infinite).  Host boundary (it
+    feeds ``scipy.optimize``): leaf arrays are converted with :func:`toyrlhf._backend.to_numpy`.
     """
     tree = policy_class.tree
     q = np.asarray(to_numpy(target_leaf_logp), dtype=float)
@@ -678,26 +887,44 @@ def rkl_objective(policy_class, theta, target_leaf_logp) -> tuple[float, np.ndar
     return float(g.sum()), policy_class.leaf_logprobs_vjp(theta, g, log_pi=log_pi)
 
 
-def rkl_projection(policy_class, target_leaf_logp, theta0=None, tol: float = 1e-10, maxiter: int = 2000) -> PolicyFit:
+def rkl_projection(
+    policy_class, target_leaf_logp, theta0=None, tol: float = 1e-10, maxiter: int = 2000, warn: bool = True
+) -> PolicyFit:
     """Reverse-KL projection onto a policy class: ``argmin_theta E_rho0 KL(P_theta || Q)``.
 
-    Mode-seeking (slides 001, "Recap: Forward and Reverse KL").  Minimises
-    :func:`rkl_objective` with L-BFGS.  ``target_leaf_logp`` is ``(P, N)`` (``-inf`` allowed).
-    Host boundary: ``scipy.optimize`` on NumPy arrays (the target is converted with ``to_numpy``).
+    Mode-seeking (slides 001, "Recap: Forward and Reverse KL"; Minka 2005, MSR-TR-2005-173).
+    Minimises :func:`rkl_objective` with L-BFGS to gradient tolerance ``tol``; attainment is
+    decided by the drift probe of :func:`_probed_fit` (leaf log-probabilities moving by more
+    than 0.1 nats when the tolerance is tightened a thousandfold: ``attained=False`` and a
+    :class:`NotAttainedWarning` unless ``warn=False``).  The probe is a heuristic (the reverse KL
+    is not convex in ``theta`` in general, and no exact rule is implemented): a target that is
+    numerically a point mass (leaves at ``e^-1000`` relative to the mode, as the Gibbs target of
+    a tiny ``beta``) puts the optimum at log-probabilities L-BFGS cannot reach at this
+    tolerance, and is reported as not attained.  ``target_leaf_logp`` is ``(P, N)``
+    (``-inf`` allowed).  Host boundary: ``scipy.optimize`` on NumPy arrays (the target is
+    converted with ``to_numpy``).
     """
     tree = policy_class.tree
     q = to_numpy(tree.check_leaf_array("target_leaf_logp", target_leaf_logp, allow_neg_inf=True))
-    theta0 = policy_class.init() if theta0 is None else theta0
-    res = _fit(lambda t: rkl_objective(policy_class, t, q), theta0, tol, maxiter)
-    log_pi = policy_class.conditionals(res.x)
-    return PolicyFit(res.x, log_pi, leaf_logprobs(tree, log_pi), float(res.fun), True, bool(res.success), int(res.nit))
+    theta0 = _check_fit_args(policy_class, theta0, tol, maxiter)
+    def fun(t):
+        return rkl_objective(policy_class, t, q)
+    theta, n_iter, success, drift = _probed_fit(fun, policy_class, theta0, tol, maxiter)
+    attained = drift <= _DRIFT_TOL
+    if not attained and warn:
+        _not_attained_warning("rkl_projection", f"by the drift probe: leaf log-probs moved {drift:.3g} nats")
+    log_pi = policy_class.conditionals(theta)
+    loss, grad = fun(theta)
+    converged = success or float(np.max(np.abs(grad), initial=0.0)) <= 10 * tol
+    return PolicyFit(theta, log_pi, leaf_logprobs(tree, log_pi), float(loss), bool(attained), bool(converged), n_iter)
 
 
 def soft_rl_projection(policy_class, log_pi_ref, reward, beta: float, **kw) -> PolicyFit:
     """Soft RL over a restricted class = reverse-KL projection of the Gibbs ``P*``.
 
     Since ``J(pi) = beta log Z - beta KL(P_pi || P*)``, maximising ``J`` over the class is
-    ``argmin KL(P_pi || P*)`` (slides 000, "soft RL = RKL projection onto Pi").
+    ``argmin KL(P_pi || P*)`` (slides 000, "soft RL = RKL projection onto Pi").  Keyword
+    arguments go to :func:`rkl_projection`.
     """
     tree = policy_class.tree
     ref = leaf_logprobs(tree, tree.check_levels("log_pi_ref", log_pi_ref))
@@ -708,7 +935,11 @@ def soft_rl_projection(policy_class, log_pi_ref, reward, beta: float, **kw) -> P
 def cross_entropy_objective(policy_class, theta, weights) -> tuple[float, np.ndarray]:
     """``-sum_{p, xi} w[p, xi] log P_theta(xi | p)`` and its gradient, for joint weights ``w >= 0``.
 
-    Host boundary (it feeds ``scipy.optimize``): leaf arrays are converted with ``to_numpy``.
+    With ``w = rho0 Q`` this is ``E_rho0 KL(Q || P_theta)`` up to the constant ``-E_rho0 H(Q)``:
+    the log-likelihood of a (possibly misspecified) model, whose maximiser is the forward-KL
+    projection of ``Q`` (White 1982, Econometrica 50(1):1–25).  The gradient is
+    ``policy_class.leaf_logprobs_vjp(theta, -w)``.  Host boundary (it feeds ``scipy.optimize``):
+    leaf arrays are converted with ``to_numpy``.
     """
     tree = policy_class.tree
     w = np.asarray(to_numpy(weights), dtype=float)
@@ -720,44 +951,98 @@ def cross_entropy_objective(policy_class, theta, weights) -> tuple[float, np.nda
     return -float((w[pos] * lp[pos]).sum()), policy_class.leaf_logprobs_vjp(theta, -w, log_pi=log_pi)
 
 
-def _cross_entropy_fit(policy_class, w, theta0, tol, maxiter) -> PolicyFit:
+def _cross_entropy_fit(what, policy_class, w, theta0, tol, maxiter, warn) -> PolicyFit:
+    """Minimise :func:`cross_entropy_objective` and decide attainment (exactly for tabular classes)."""
     tree = policy_class.tree
-    theta0 = policy_class.init() if theta0 is None else theta0
-    res = _fit(lambda t: cross_entropy_objective(policy_class, t, w), theta0, tol, maxiter)
-    log_pi = policy_class.conditionals(res.x)
-    return PolicyFit(res.x, log_pi, leaf_logprobs(tree, log_pi), float(res.fun), True, bool(res.success), int(res.nit))
+    theta0 = _check_fit_args(policy_class, theta0, tol, maxiter)
+    def fun(t):
+        return cross_entropy_objective(policy_class, t, w)
+    fun(np.asarray(theta0, dtype=float))  # an infinite loss is an error up front, not a failed fit
+    theta, n_iter, success, drift = _probed_fit(fun, policy_class, theta0, tol, maxiter)
+    if isinstance(policy_class, TabularPolicy):
+        attained, how = _tabular_cross_entropy_attained(policy_class, w), "exactly for the tabular class"
+    elif isinstance(policy_class, LogLinearPolicy):
+        attained, how = _loglinear_cross_entropy_attained(policy_class, w), "exactly, by a linear program"
+    elif isinstance(policy_class, SoftOptimalPolicyClass) and (exact := _gibbs_cross_entropy_attained(policy_class, w)) is not None:
+        attained, how = exact, "exactly, by a linear program"
+    else:
+        attained, how = drift <= _DRIFT_TOL, f"by the drift probe: leaf log-probs moved {drift:.3g} nats"
+    if not attained and warn:
+        _not_attained_warning(what, how)
+    log_pi = policy_class.conditionals(theta)
+    loss, grad = fun(theta)
+    converged = success or float(np.max(np.abs(grad), initial=0.0)) <= 10 * tol
+    return PolicyFit(theta, log_pi, leaf_logprobs(tree, log_pi), float(loss), bool(attained), bool(converged), n_iter)
 
 
-def fkl_projection(policy_class, target_probs, theta0=None, tol: float = 1e-10, maxiter: int = 2000) -> PolicyFit:
+def fkl_projection(
+    policy_class, target_probs, theta0=None, tol: float = 1e-10, maxiter: int = 2000, warn: bool = True
+) -> PolicyFit:
     """Forward-KL (maximum-likelihood) projection: ``argmin_theta E_rho0 KL(Q || P_theta)``.
 
     .. math:: \\min_\\theta -\\sum_{s_0} \\rho_0(s_0) \\sum_\\xi Q(\\xi|s_0) \\log P_\\theta(\\xi|s_0)
 
-    Mode-covering.  ``target_probs`` is a leaf distribution ``(P, N)``.  If ``Q`` has zeros
-    that the class can only approach (e.g. tabular logits), the optimum lies at infinity and
-    the fit stops where the optimiser meets its tolerance.  Host boundary: ``scipy.optimize``
-    on NumPy arrays (the target is converted with ``to_numpy``).
+    The M-projection: maximum likelihood under a possibly misspecified model converges to it
+    (White 1982, Econometrica 50(1):1–25); mode-covering (Minka 2005, MSR-TR-2005-173; slides
+    001).  ``target_probs`` is a leaf distribution ``(P, N)`` (or ``(N,)``): non-negative, with
+    rows summing to 1 on every prompt with ``rho0 > 0`` (within ``max(1e-9, eps32 log N)`` in
+    float64, ``1e-4`` in float32; the float64 term admits float32-rounded log-probabilities
+    exponentiated in float64, whose sum moves by at most ``H(Q) eps32/2``).
+
+    Attainment: if ``Q`` has zeros that the class can only approach (e.g. tabular logits around
+    a full-support base) the optimum lies at infinity.  This is decided exactly for a
+    :class:`~toyrlhf.policies.TabularPolicy` (:func:`_tabular_cross_entropy_attained`) and a
+    :class:`~toyrlhf.policies.LogLinearPolicy` (a linear program,
+    :func:`_loglinear_cross_entropy_attained`) and a :class:`SoftOptimalPolicyClass` of a
+    reward class linear in its parameters (:func:`_gibbs_cross_entropy_attained`), and by the
+    drift probe of :func:`_probed_fit` for other classes.  The probe is a heuristic here: it
+    sees a vanishing probability only while L-BFGS can still push it down, and on the
+    ill-conditioned tail of a cross-entropy (curvature of the order of the vanishing mass)
+    it can stall before moving it 0.1 nats, reporting an optimum at infinity as attained;
+    give such a class an exact rule where one exists.  Not attained gives ``attained=False`` and a :class:`NotAttainedWarning`
+    (unless ``warn=False``), and the returned point is where the optimiser stopped (vanishing
+    probabilities of order ``tol``).  Host boundary: ``scipy.optimize`` on NumPy arrays (the
+    target is converted with ``to_numpy``).
     """
     tree = policy_class.tree
     q = to_numpy(tree.check_leaf_array("target_probs", target_probs))
     if np.any(q < 0):
         raise ValueError("target_probs must be non-negative")
-    return _cross_entropy_fit(policy_class, tree.rho0[:, None] * q, theta0, tol, maxiter)
+    N = tree.n_leaves
+    tol_sum = max(1e-9, float(np.finfo(np.float32).eps) * np.log(N)) if q.dtype == np.float64 else 1e-4
+    dev = np.abs(np.sum(q, axis=1, dtype=np.float64) - 1.0)
+    bad = np.flatnonzero((tree.rho0 > 0) & ~(dev <= tol_sum))
+    if bad.size:
+        raise ValueError(
+            f"target_probs must be a distribution over the leaves of every prompt with rho0 > 0: row(s) "
+            f"{bad[:5].tolist()} sum to 1 +- {dev[bad].max():.3g} (tolerance {tol_sum:.1g})"
+        )
+    return _cross_entropy_fit("fkl_projection", policy_class, tree.rho0[:, None] * np.asarray(q, dtype=float), theta0, tol, maxiter, warn)
 
 
-def sft(tree: TokenTree, prompts, leaves, policy_class, theta0=None, tol: float = 1e-10, maxiter: int = 2000) -> PolicyFit:
+def sft(
+    tree: TokenTree, prompts, leaves, policy_class, theta0=None, tol: float = 1e-10, maxiter: int = 2000, warn: bool = True
+) -> PolicyFit:
     """Supervised fine-tuning on demonstrations = forward-KL projection of their empirical law.
 
-    ``min_theta -(1/n) sum_i log P_theta(xi_i | s0_i)`` (slides 000, "SFT / behaviour cloning").
+    ``min_theta -(1/n) sum_i log P_theta(xi_i | s0_i)`` (slides 000, "SFT / behaviour cloning"):
+    :func:`fkl_projection` of the empirical distribution of the pairs, with the same attainment
+    decision (a completion never demonstrated at a node that was visited cannot get probability
+    exactly zero in a class of finite logits: ``attained=False`` and a
+    :class:`NotAttainedWarning`, unless ``warn=False``).
     """
     prompts = np.asarray(prompts)
     leaves = np.asarray(leaves)
     if prompts.shape != leaves.shape or prompts.ndim != 1 or prompts.size == 0:
         raise ValueError("prompts and leaves must be non-empty 1-D arrays of the same length")
+    if not (np.issubdtype(prompts.dtype, np.integer) and np.issubdtype(leaves.dtype, np.integer)):
+        raise TypeError(f"prompts and leaves must be integer indices, got dtypes {prompts.dtype} and {leaves.dtype}")
     if prompts.min() < 0 or prompts.max() >= tree.P or leaves.min() < 0 or leaves.max() >= tree.n_leaves:
         raise ValueError(f"prompts must lie in [0, {tree.P}) and leaves in [0, {tree.n_leaves})")
+    if policy_class.tree is not tree and (policy_class.tree.P, policy_class.tree.V, policy_class.tree.H) != (tree.P, tree.V, tree.H):
+        raise ValueError(f"policy_class is defined on {policy_class.tree!r}, not on tree={tree!r}")
     counts = np.bincount(prompts * tree.n_leaves + leaves, minlength=tree.P * tree.n_leaves)
-    return _cross_entropy_fit(policy_class, (counts / counts.sum()).reshape(tree.P, -1), theta0, tol, maxiter)
+    return _cross_entropy_fit("sft", policy_class, (counts / counts.sum()).reshape(tree.P, -1), theta0, tol, maxiter, warn)
 
 
 # ====================================================================== Pi(R)
@@ -799,7 +1084,9 @@ class SoftOptimalPolicyClass:
         return self.reward_class.init()
 
     def conditionals(self, theta):
-        return soft_optimal_policy(self.tree, self.log_pi_ref, self.reward_class.reward(theta), self.beta).log_pi
+        # log_pi_ref was validated once in __post_init__: skip check_levels' exp pass per call
+        r = self.tree.check_leaf_array("reward", self.reward_class.reward(theta), like=self.log_pi_ref[0])
+        return _soft_optimal_checked(self.tree, self.log_pi_ref, r, self.beta).log_pi
 
     def leaf_logprobs(self, theta):
         return leaf_logprobs(self.tree, self.conditionals(theta))

@@ -23,11 +23,20 @@ the first EOS, plus one); every other leaf has probability zero under every poli
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._backend import array_namespace, as_float, asarray, float_dtype, to_numpy
+from ._backend import (
+    array_namespace,
+    as_float,
+    asarray,
+    exp_floor,
+    float_dtype,
+    kernel_profile,
+    to_numpy,
+)
 
 __all__ = ["TokenTree", "GiB"]
 
@@ -44,6 +53,90 @@ def _check_int(name: str, value, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
     return int(value)
+
+
+def normalisation_tol(xp, dtype, V: int) -> float:
+    """Tolerance on the row sums of a node's conditionals, ``|sum_a pi(a|s) - 1| <= tol``.
+
+    * float64: ``max(1e-9, eps32 * log V)`` (``8.3e-8`` for ``V = 2``, ``1.7e-7`` for ``V = 4``).
+      Rows made in float64 (``log_softmax``, ``np.log`` of probabilities given to ten digits)
+      sum to 1 within ``1e-9``; the ``eps32 log V`` term admits float32 log-probabilities
+      promoted to float64 (a float32 computation checked against float64 on the same
+      inputs): rounding ``log pi`` to float32 moves it by ``|log pi| eps32/2``, so the row sum
+      by at most ``sum_a pi |log pi| eps32/2 = H(pi(.|s)) eps32/2 <= log(V) eps32/2``.
+    * float32: ``max(1e-4, 4 V eps32)``.  Besides that rounding, float32 ``exp`` and the ``V``
+      summands round at ``eps32/2`` each, and ``log_softmax`` of logits of magnitude ``L``
+      carries errors of about ``L eps32``: ``1e-4`` admits logits up to several hundred.
+
+    Errors of interest (an unnormalised node) are of order one, far above either tolerance.
+    """
+    eps32 = float(np.finfo(np.float32).eps)
+    if xp.finfo(dtype).eps < eps32:
+        return max(1e-9, eps32 * math.log(V))
+    return max(1e-4, 4 * V * eps32)
+
+
+def _row_sum_deviation(xp, block, floor: float, columns: bool) -> tuple[float, float]:
+    """``(max, min)`` over the rows of ``block`` (``(..., V)`` log-probabilities) of ``sum_a exp - 1``.
+
+    ``exp`` arguments are clamped at ``floor`` (:func:`toyrlhf._backend.exp_floor`: keeps NumPy's
+    ``exp`` off its slow path for ``-inf``; a clamped term is at most ``1e-304`` in float64 and
+    ``5e-35`` in float32, far below any tolerance); NaN propagates through ``maximum`` and the
+    sums, ``+inf`` gives ``inf``.  Column-by-column sums with ``columns`` (the CPU profile).
+    Namespace-generic; used by :meth:`TokenTree.check_levels` and fused into the soft value
+    iteration of :func:`toyrlhf.projections.soft_optimal_policy`.
+    """
+    V = block.shape[-1]
+    with np.errstate(under="ignore", over="ignore", invalid="ignore"):
+        t = xp.exp(xp.maximum(block, floor))
+        if columns and V > 1:
+            s = t[..., 0] + t[..., 1]
+            for a in range(2, V):
+                s += t[..., a]
+        else:
+            s = xp.sum(t, axis=-1)
+        return float(xp.max(s)) - 1.0, float(xp.min(s)) - 1.0
+
+
+def _worse(dev: float, hi: float, lo: float) -> float:
+    """The deviation of largest magnitude among ``dev``, ``hi``, ``lo`` (NaN wins)."""
+    for d in (hi, lo):
+        if d != d or abs(d) > abs(dev):
+            dev = d
+        if dev != dev:
+            return dev
+    return dev
+
+
+def _max_row_deviation(xp, lp, floor: float, profile) -> float:
+    """``sum_a exp(lp[..., a]) - 1`` of largest magnitude over the rows of ``lp`` (NaN if any is NaN).
+
+    Namespace-generic; in blocks of ``profile.block_edges`` edges on the CPU (so the passes of
+    :func:`_row_sum_deviation` stay in cache), one block per level on a GPU.
+    """
+    V = lp.shape[-1]
+    rows = xp.reshape(lp, (-1, V))
+    R = rows.shape[0]
+    C = R if profile.block_edges is None else max(1, profile.block_edges // V)
+    worst = 0.0
+    for i0 in range(0, R, C):
+        worst = _worse(worst, *_row_sum_deviation(xp, rows[i0 : min(R, i0 + C), :], floor, profile.column_reductions))
+        if worst != worst:
+            break
+    return worst
+
+
+def _raise_unnormalised(xp, name: str, h: int, lp, dev: float, tol: float) -> None:
+    """Raise the ``ValueError`` of :meth:`TokenTree.check_levels` for level ``h`` with deviation ``dev``."""
+    if bool(xp.any(xp.isnan(lp))):
+        raise ValueError(f"{name}[{h}] must be log-probabilities (contains NaN)")
+    if not bool(xp.all(lp <= tol)):
+        raise ValueError(f"{name}[{h}] must be log-probabilities (<= 0, no +inf)")
+    raise ValueError(
+        f"{name}[{h}] must hold normalised conditionals: some node's probabilities sum to "
+        f"1 {'+' if dev > 0 else '-'} {abs(dev):.3g} (tolerance {tol:.1g} for {lp.dtype}); "
+        "normalise each node over its V tokens, e.g. with policies.log_softmax"
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -266,12 +359,27 @@ class TokenTree:
             raise ValueError(f"{name} must be finite (got inf)")
         return a
 
-    def check_levels(self, name: str, log_pi, like=None) -> tuple:
+    def check_levels(self, name: str, log_pi, like=None, check_normalised: bool = True) -> tuple:
         """Validate conditional log-probabilities: a sequence of ``H`` arrays ``(P, V**h, V)``.
 
         Namespace-generic like :meth:`check_leaf_array`; the levels are cast to one floating
-        dtype.  A level passes if every entry is ``<= tol`` (which also rejects NaN), with
-        ``tol = max(1e-9, 4 eps)`` of its dtype (``1e-9`` for float64, ``4.8e-7`` for float32).
+        dtype.  Every node's conditionals must be normalised: ``|sum_a exp(log_pi[h][p, i, a])
+        - 1| <= tol`` for every node, with the dtype-aware ``tol`` of :func:`normalisation_tol`
+        (``max(1e-9, eps32 log V)`` in float64, ``1.7e-7`` for ``V = 4``, which admits float32
+        log-probabilities promoted to float64; ``max(1e-4, 4 V eps32)`` in float32).  The check also rejects NaN and ``+inf`` (their rows do not sum to 1), any
+        log-probability above ``log(1 + tol)`` (its row sums to more than ``1 + tol``) and
+        nodes whose tokens all have probability zero (a row of ``-inf`` sums to 0).
+
+        Cost: one ``exp`` per edge (the arguments clamped at
+        :func:`toyrlhf._backend.exp_floor`, which keeps NumPy's ``exp`` off its slow path for
+        ``-inf``; a clamped term is at most ``1e-304`` and cannot change a sum by ``tol``), in
+        cache-sized blocks on the CPU (whole levels on a GPU).  It runs at the public entry
+        points (policy-class constructors, ``sequence_kl``, ...), not inside optimiser loops,
+        whose conditionals are built by ``log_softmax`` and normalised by construction.
+        :func:`~toyrlhf.projections.soft_optimal_policy` passes ``check_normalised=False`` and
+        runs the same check fused into its sweep, on the blocks of ``log_pi_ref`` it has in cache
+        anyway (``benchmarks/bench_soft_vi.py`` times both).  With ``check_normalised=False``
+        only the shapes and dtypes are checked, and the caller must check the rest.
         """
         if not isinstance(log_pi, (tuple, list)) or len(log_pi) != self.H:
             raise TypeError(f"{name} must be a tuple of H={self.H} per-level arrays (P, V**h, V)")
@@ -279,7 +387,9 @@ class TokenTree:
         like = next((x for x in (*log_pi, like) if array_namespace(x) is xp and xp is not np), None)
         levels = [as_float(lp, xp, like) for lp in log_pi]
         dt = float_dtype(xp, *levels)
-        tol = max(1e-9, 4 * float(xp.finfo(dt).eps))
+        tol = normalisation_tol(xp, dt, self.V)
+        floor = exp_floor(xp, dt)
+        prof = kernel_profile(xp)
         out = []
         for h, lp in enumerate(levels):
             want = (self.P, self.V**h, self.V)
@@ -287,8 +397,10 @@ class TokenTree:
                 raise ValueError(f"{name}[{h}] must have shape {want}, got {lp.shape}")
             if lp.dtype != dt:
                 lp = xp.astype(lp, dt)
-            if not bool(xp.all(lp <= tol)):
-                raise ValueError(f"{name}[{h}] must be log-probabilities (<= 0, no NaN)")
+            if check_normalised:
+                dev = _max_row_deviation(xp, lp, floor, prof)
+                if not abs(dev) <= tol:  # NaN deviations fail too
+                    _raise_unnormalised(xp, name, h, lp, dev, tol)
             out.append(lp)
         return tuple(out)
 

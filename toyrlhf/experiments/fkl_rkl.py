@@ -142,8 +142,8 @@ def run(config: Config = Config(), progress: bool = False) -> Result:
     inits = c.init_scale * rng.standard_normal((c.n_inits, cls.n_params))
     fkl_p, rkl_fits = [], []
     for th0 in progress_bar(inits, enabled=progress, desc=NAME):
-        fkl_p.append(np.exp(fkl_projection(cls, q, theta0=th0).leaf_logp[0]))
-        rkl_fits.append(rkl_projection(cls, log_q, theta0=th0))
+        fkl_p.append(np.exp(fkl_projection(cls, q, theta0=th0, warn=False).leaf_logp[0]))
+        rkl_fits.append(rkl_projection(cls, log_q, theta0=th0, warn=False))
     fkl = fkl_p[0]
     rkl_losses = np.array([f.loss for f in rkl_fits])
     rkl = np.exp(rkl_fits[int(np.argmin(rkl_losses))].leaf_logp[0])

@@ -391,7 +391,7 @@ def rl_path(policy_class, log_pi_ref, reward, betas, starts=(), tol: float = 1e-
     best: list = [None] * len(betas)
 
     def keep(j, theta0):
-        fit = soft_rl_projection(policy_class, log_pi_ref, reward, betas[j], theta0=theta0, tol=tol)
+        fit = soft_rl_projection(policy_class, log_pi_ref, reward, betas[j], theta0=theta0, tol=tol, warn=False)
         if best[j] is None or fit.loss < best[j].loss:
             best[j] = fit
         return fit.params

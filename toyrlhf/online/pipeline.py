@@ -175,7 +175,7 @@ def instructgpt_pipeline(
     # 1-2: demonstrations and SFT
     demo_logp, _ = gibbs_policy(pre_leaf, toy.gold, demo_beta)
     d_prompts, d_leaves = sample_leaves(tree, demo_logp, n_demos, rng)
-    sft_fit = sft(tree, d_prompts, d_leaves, pc)
+    sft_fit = sft(tree, d_prompts, d_leaves, pc, warn=False)  # demonstrations cover few completions: the MLE is at the boundary
     log_pi_sft = sft_fit.log_pi
     # 3: K-wise rankings of SFT samples -> C(K,2) pairs -> reward model
     rank_prompts = np.repeat(rng.choice(tree.P, size=n_rank_prompts, p=tree.rho0), K)
