@@ -156,6 +156,17 @@ def _values_if_needed(advantage, problem, log_pi_old, kl_estimator, kl_mode):
 
 
 # =========================================================================== REINFORCE family
+def _rollouts_and_advantages(problem, log_pi, n_groups, group_size, rng, kl_estimator, kl_mode,
+                             advantage, reward_to_go, gae_lambda, group_eps):
+    """Sample a batch from ``log_pi``; return it, its per-token rewards and advantages (shared by PG and PPO)."""
+    batch = sample_rollouts(problem.tree, log_pi, problem.log_pi_ref, n_groups, group_size, rng)
+    c = token_rewards(batch, problem.reward, problem.beta, kl_estimator, kl_mode)
+    values = _values_if_needed(advantage, problem, log_pi, kl_estimator, kl_mode)
+    A = compute_advantages(batch, c, advantage=advantage, reward_to_go=reward_to_go, values=values,
+                           gae_lambda=gae_lambda, group_eps=group_eps)
+    return batch, c, A
+
+
 def policy_gradient_estimate(
     policy_class,
     theta,
@@ -191,14 +202,10 @@ def policy_gradient_estimate(
     check_estimator(kl_estimator)
     check_choice("kl_mode", kl_mode, ("reward", "loss"))
     check_choice("advantage", advantage, ADVANTAGES)
-    tree = problem.tree
     theta = np.asarray(theta, dtype=float)
     log_pi = policy_class.conditionals(theta)
-    batch = sample_rollouts(tree, log_pi, problem.log_pi_ref, n_groups, group_size, rng)
-    c = token_rewards(batch, problem.reward, problem.beta, kl_estimator, kl_mode)
-    values = _values_if_needed(advantage, problem, log_pi, kl_estimator, kl_mode)
-    A = compute_advantages(batch, c, advantage=advantage, reward_to_go=reward_to_go, values=values,
-                           gae_lambda=gae_lambda, group_eps=group_eps)
+    batch, c, A = _rollouts_and_advantages(problem, log_pi, n_groups, group_size, rng, kl_estimator, kl_mode,
+                                           advantage, reward_to_go, gae_lambda, group_eps)
     n = batch.n
     W = A / n
     if kl_mode == "loss":
@@ -312,14 +319,10 @@ def ppo_step(
     check_estimator(kl_estimator)
     check_choice("kl_mode", kl_mode, ("reward", "loss"))
     check_choice("advantage", advantage, ADVANTAGES)
-    tree = problem.tree
     theta_old = np.asarray(theta, dtype=float)
     log_pi_old = policy_class.conditionals(theta_old)
-    batch = sample_rollouts(tree, log_pi_old, problem.log_pi_ref, n_groups, group_size, rng)
-    c = token_rewards(batch, problem.reward, problem.beta, kl_estimator, kl_mode)
-    values = _values_if_needed(advantage, problem, log_pi_old, kl_estimator, kl_mode)
-    A = compute_advantages(batch, c, advantage=advantage, reward_to_go=reward_to_go, values=values,
-                           gae_lambda=gae_lambda, group_eps=group_eps)
+    batch, c, A = _rollouts_and_advantages(problem, log_pi_old, n_groups, group_size, rng, kl_estimator,
+                                           kl_mode, advantage, reward_to_go, gae_lambda, group_eps)
     n = batch.n
     pre = None
     if problem.gamma > 0:
